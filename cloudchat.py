@@ -1,0 +1,1714 @@
+"""CloudChat: accounts, cookie sessions and a health check for small websites, in one file.
+
+Run it:
+    python cloudchat.py               serve on HOST:PORT (default 127.0.0.1:5000)
+    python cloudchat.py initdb        create or update the tables (idempotent)
+    python cloudchat.py --help
+
+Embed it: ``cloudchat.app`` is a WSGI callable built from the environment on its first
+request (``gunicorn -k gevent cloudchat:app``); ``create_app(Config(...))`` builds one from
+an explicit configuration. Importing this module patches nothing and connects to nothing.
+
+Storage: with no configuration at all, an SQLite file and an in-process key-value store
+(one process only). In production, PostgreSQL (PgBouncer in transaction mode is fine: no
+session state, no server-side prepared statements) and Redis. All settings come from
+environment variables; config.example.env documents each one.
+
+Threat model: the server sits behind a reverse proxy on a small shared box and faces the
+open internet. Passwords are hashed with Argon2id off the event loop; session ids are 256
+random bits and only their SHA-256 is stored; login failures look the same in wording and
+timing whether or not the account exists; rate limits key on the address the socket peer
+or a trusted proxy reports, never on one the client writes itself; answers never carry a
+traceback; passwords, tokens and cookies never reach the log.
+"""
+
+if __name__ == "__main__":
+    # Patch before anything else imports socket, ssl or threading; never on plain import,
+    # so that embedding servers and tests keep the standard library they expect.
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import argon2
+import bottle
+import gevent
+import gevent.monkey
+import gevent.pywsgi
+import gevent.socket
+import psycopg2
+import psycopg2.errorcodes
+import psycopg2.extensions
+import redis
+import redis.backoff
+import redis.retry
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("cloudchat")
+
+# select() as the kernel offers it, unpatched: used with a zero timeout only.
+_real_select = gevent.monkey.get_original("select", "select")
+
+
+###############################################################################
+# Config
+###############################################################################
+
+
+class ConfigError(Exception):
+    """A setting is malformed; the message names the variable and the fix."""
+
+
+class UnsafeConfigError(ConfigError):
+    """A setting is well-formed but unsafe for CLOUDCHAT_ENV=production."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimit:
+    """At most `limit` attempts per `window` seconds."""
+
+    limit: int
+    window: int
+
+
+DEFAULT_TRUSTED_PROXIES = "127.0.0.1/32,::1/128"
+
+# Argon2id for a 1 GB box: OWASP's first recommended setting (m = 19 MiB, t = 2, p = 1),
+# the memory-light end of RFC 9106's trade-off. Two hashes at once cost 38 MiB at the peak.
+ARGON2_DEFAULT_TIME_COST = 2
+ARGON2_DEFAULT_MEMORY_KIB = 19456
+ARGON2_DEFAULT_PARALLELISM = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of the server, read once from the environment."""
+
+    env: str = "development"
+    host: str = "127.0.0.1"
+    port: int = 5000
+    database_url: str = ""
+    db_path: str = "cloudchat.db"
+    db_pool_size: int = 4
+    db_timeout: float = 5.0
+    redis_url: str = ""
+    redis_timeout: float = 1.0
+    redis_pool_size: int = 16
+    redis_key_prefix: str = "cc:"
+    auth_cookie_name: str = "cc_auth"
+    app_session_cookie_name: str = "cc_app"
+    cookie_secure: bool = False
+    session_ttl: int = 604800
+    trusted_proxies: tuple[Any, ...] = ()
+    max_body_bytes: int = 65536
+    argon2_time_cost: int = ARGON2_DEFAULT_TIME_COST
+    argon2_memory_kib: int = ARGON2_DEFAULT_MEMORY_KIB
+    argon2_parallelism: int = ARGON2_DEFAULT_PARALLELISM
+    argon2_max_concurrency: int = 2
+    rate_register_ip: RateLimit = RateLimit(10, 3600)
+    rate_register_email: RateLimit = RateLimit(3, 3600)
+    rate_login_ip: RateLimit = RateLimit(10, 600)
+    rate_login_identifier: RateLimit = RateLimit(10, 600)
+    debug_return_reset_token: bool = False
+    health_timeout: float = 2.0
+    shutdown_grace: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def production(self) -> bool:
+        """True when CLOUDCHAT_ENV=production."""
+        return self.env == "production"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "Config":
+        """Build the configuration from environment variables; raise ConfigError if unusable."""
+        read = _EnvReader(environ)
+        cfg = cls(
+            env=read.choice("CLOUDCHAT_ENV", "development", ("development", "production")),
+            host=read.text("HOST", "127.0.0.1"),
+            port=read.integer("PORT", 5000, 0, 65535),
+            database_url=read.text("DATABASE_URL", ""),
+            db_path=read.text("CLOUDCHAT_DB_PATH", "cloudchat.db"),
+            db_pool_size=read.integer("DB_POOL_SIZE", 4, 1, 100),
+            db_timeout=read.number("DB_TIMEOUT", 5.0, 0.1, 120),
+            redis_url=_redis_url_from_env(environ),
+            redis_timeout=read.number("REDIS_TIMEOUT", 1.0, 0.05, 60),
+            redis_pool_size=read.integer("REDIS_POOL_SIZE", 16, 1, 1000),
+            redis_key_prefix=read.text("REDIS_KEY_PREFIX", "cc:"),
+            auth_cookie_name=read.text("AUTH_COOKIE_NAME", "cc_auth"),
+            app_session_cookie_name=read.text("APP_SESSION_COOKIE_NAME", "cc_app"),
+            cookie_secure=read.flag("COOKIE_SECURE", False),
+            session_ttl=read.integer("SESSION_TTL_SECONDS", 604800, 60, 31536000),
+            trusted_proxies=read.networks("TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES),
+            max_body_bytes=read.integer("MAX_BODY_BYTES", 65536, 1024, 16 * 1024 * 1024),
+            argon2_time_cost=read.integer("ARGON2_TIME_COST", ARGON2_DEFAULT_TIME_COST, 1, 100),
+            argon2_memory_kib=read.integer(
+                "ARGON2_MEMORY_KIB", ARGON2_DEFAULT_MEMORY_KIB, 8, 4 * 1024 * 1024
+            ),
+            argon2_parallelism=read.integer(
+                "ARGON2_PARALLELISM", ARGON2_DEFAULT_PARALLELISM, 1, 64
+            ),
+            argon2_max_concurrency=read.integer("ARGON2_MAX_CONCURRENCY", 2, 1, 64),
+            rate_register_ip=read.rate("RATE_REGISTER_IP", RateLimit(10, 3600)),
+            rate_register_email=read.rate("RATE_REGISTER_EMAIL", RateLimit(3, 3600)),
+            rate_login_ip=read.rate("RATE_LOGIN_IP", RateLimit(10, 600)),
+            rate_login_identifier=read.rate("RATE_LOGIN_IDENTIFIER", RateLimit(10, 600)),
+            debug_return_reset_token=read.flag("DEBUG_RETURN_RESET_TOKEN", False),
+            health_timeout=read.number("HEALTH_TIMEOUT", 2.0, 0.1, 60),
+            shutdown_grace=read.number("SHUTDOWN_GRACE_SECONDS", 10.0, 0, 600),
+            log_level=read.choice(
+                "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
+            ),
+        )
+        if cfg.argon2_memory_kib < 8 * cfg.argon2_parallelism:
+            raise ConfigError(
+                "ARGON2_MEMORY_KIB must be at least 8 x ARGON2_PARALLELISM; raise it or lower"
+                " the parallelism"
+            )
+        if cfg.production:
+            problems = production_problems(cfg)
+            if problems:
+                raise UnsafeConfigError("; ".join(problems))
+        return cfg
+
+
+def production_problems(cfg: Config) -> list[str]:
+    """Each unsafe setting in production, as 'cause (fix)'."""
+    problems = []
+    if not cfg.cookie_secure:
+        problems.append("COOKIE_SECURE is off (set COOKIE_SECURE=1 and serve over HTTPS)")
+    if cfg.debug_return_reset_token:
+        problems.append("DEBUG_RETURN_RESET_TOKEN=1 hands reset tokens to anyone (remove it)")
+    if not cfg.database_url:
+        problems.append(
+            "DATABASE_URL is unset, the SQLite file is for development (point it at PostgreSQL)"
+        )
+    if not cfg.redis_url:
+        problems.append(
+            "Redis is not configured, the in-process store serves one process only (set REDIS_URL)"
+        )
+    if (
+        cfg.argon2_memory_kib < ARGON2_DEFAULT_MEMORY_KIB
+        or cfg.argon2_time_cost < ARGON2_DEFAULT_TIME_COST
+    ):
+        problems.append(
+            "Argon2 parameters are below OWASP's minimum (keep ARGON2_MEMORY_KIB >= 19456 and"
+            " ARGON2_TIME_COST >= 2)"
+        )
+    return problems
+
+
+class _EnvReader:
+    """Typed reads of environment variables with errors that name the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def _raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def text(self, name: str, default: str) -> str:
+        raw = self._raw(name)
+        return default if raw is None else raw
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...], upper: bool = False) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        if value not in allowed:
+            raise ConfigError(f"{name}={raw!r} is not one of {', '.join(allowed)}")
+        return value
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value} is outside {low}..{high}")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value} is outside {low}..{high}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a switch (use 1 or 0)")
+
+    def rate(self, name: str, default: RateLimit) -> RateLimit:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        match = re.fullmatch(r"(\d+)\s*/\s*(\d+)", raw)
+        if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+            raise ConfigError(f"{name}={raw!r} is not LIMIT/SECONDS, e.g. 10/600")
+        return RateLimit(int(match.group(1)), int(match.group(2)))
+
+    def networks(self, name: str, default: str) -> tuple[Any, ...]:
+        raw = self._environ.get(name)
+        raw = default if raw is None else raw
+        networks = []
+        for item in raw.split(","):
+            if item.strip():
+                try:
+                    networks.append(ipaddress.ip_network(item.strip(), strict=False))
+                except ValueError:
+                    raise ConfigError(
+                        f"{name}: {item.strip()!r} is not an address or CIDR"
+                    ) from None
+        return tuple(networks)
+
+
+def _redis_url_from_env(environ: Mapping[str, str]) -> str:
+    """REDIS_URL, or one built from the REDIS_HOST/PORT/DB/PASSWORD variables; '' if neither."""
+    url = environ.get("REDIS_URL", "").strip()
+    if url:
+        return url
+    host = environ.get("REDIS_HOST", "").strip()
+    if not host:
+        return ""
+    port = environ.get("REDIS_PORT", "").strip() or "6379"
+    db = environ.get("REDIS_DB", "").strip() or "0"
+    if not port.isdigit() or not db.isdigit():
+        raise ConfigError("REDIS_PORT and REDIS_DB must be whole numbers")
+    password = environ.get("REDIS_PASSWORD", "")
+    auth = f":{urllib.parse.quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}/{db}"
+
+
+###############################################################################
+# Errors
+###############################################################################
+
+
+class ApiError(Exception):
+    """A failure the client is told about: HTTP status, stable code, human sentence."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+class StoreUnavailable(Exception):
+    """A storage dependency (SQL or key-value) did not answer in time; becomes a 503."""
+
+
+class DuplicateError(Exception):
+    """An insert hit a uniqueness constraint; `constraint` names it as the database did."""
+
+    def __init__(self, constraint: str) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
+###############################################################################
+# SQL store
+###############################################################################
+
+# The embedded twin of schema.sql: the same tables, SQLite's types.
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid          TEXT NOT NULL UNIQUE,
+    email        TEXT NOT NULL
+                 CHECK (email = lower(trim(email)) AND length(email) BETWEEN 3 AND 254),
+    phone        TEXT UNIQUE CHECK (length(phone) BETWEEN 5 AND 21),
+    display_name TEXT CHECK (length(display_name) <= 64),
+    is_active    INTEGER NOT NULL DEFAULT 1,
+    created_at   TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS users_email_lower_key ON users (lower(email));
+CREATE TABLE IF NOT EXISTS credentials (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    type         TEXT NOT NULL CHECK (type IN ('password', 'totp', 'webauthn', 'oauth')),
+    provider     TEXT,
+    provider_uid TEXT,
+    secret       TEXT,
+    created_at   TEXT NOT NULL,
+    updated_at   TEXT NOT NULL,
+    UNIQUE (provider, provider_uid)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS credentials_user_type_key
+    ON credentials (user_id, type) WHERE type <> 'oauth';
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash      TEXT PRIMARY KEY CHECK (length(id_hash) = 64),
+    user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    user_agent   TEXT,
+    ip           TEXT,
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT NOT NULL,
+    revoked_at   TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_user_id_idx ON sessions (user_id);
+CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON sessions (expires_at);
+"""
+
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
+
+# SQLite keeps times as text in this one sortable UTC format.
+_SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f+00:00"
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware, in UTC."""
+    return dt.datetime.now(dt.UTC)
+
+
+def as_datetime(value: dt.datetime | str) -> dt.datetime:
+    """A stored time as an aware datetime, whichever database it came from."""
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    return dt.datetime.fromisoformat(value)
+
+
+class SqlTx:
+    """Statements on one borrowed connection; SQL is written once, with %s placeholders."""
+
+    def __init__(self, cursor: Any, adapt: Callable[[str, tuple], tuple[str, tuple]]) -> None:
+        self._cursor = cursor
+        self._adapt = adapt
+
+    def run(self, sql: str, params: tuple = ()) -> int:
+        """Execute a statement; return the number of rows it touched."""
+        self._cursor.execute(*self._adapt(sql, params))
+        return self._cursor.rowcount
+
+    def one(self, sql: str, params: tuple = ()) -> tuple | None:
+        """Execute a query; return its first row or None."""
+        self._cursor.execute(*self._adapt(sql, params))
+        return self._cursor.fetchone()
+
+    def all(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Execute a query; return every row."""
+        self._cursor.execute(*self._adapt(sql, params))
+        return self._cursor.fetchall()
+
+
+class SqlStore:
+    """Single statements (autocommit) and explicit transactions over pooled connections."""
+
+    dialect = ""
+    begin_statement = "BEGIN"
+
+    def _lend(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _adapt(self, sql: str, params: tuple) -> tuple[str, tuple]:
+        return sql, params
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[SqlTx]:
+        """A block of statements that commit together or not at all."""
+        with self._lend() as conn:
+            cursor = conn.cursor()
+            try:
+                cursor.execute(self.begin_statement)
+                yield SqlTx(cursor, self._adapt)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    cursor.execute("ROLLBACK")
+                raise
+            else:
+                cursor.execute("COMMIT")
+            finally:
+                with contextlib.suppress(Exception):
+                    cursor.close()
+
+    @contextlib.contextmanager
+    def _statement(self) -> Iterator[SqlTx]:
+        with self._lend() as conn:
+            cursor = conn.cursor()
+            try:
+                yield SqlTx(cursor, self._adapt)
+            finally:
+                with contextlib.suppress(Exception):
+                    cursor.close()
+
+    def run(self, sql: str, params: tuple = ()) -> int:
+        """One statement in its own transaction; the number of rows it touched."""
+        with self._statement() as tx:
+            return tx.run(sql, params)
+
+    def one(self, sql: str, params: tuple = ()) -> tuple | None:
+        """One query in its own transaction; its first row or None."""
+        with self._statement() as tx:
+            return tx.one(sql, params)
+
+    def all(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """One query in its own transaction; every row."""
+        with self._statement() as tx:
+            return tx.all(sql, params)
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers."""
+        self.one("SELECT 1")
+
+    def apply_schema(self, script: str) -> None:
+        """Run a schema script of idempotent statements."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close every connection."""
+
+
+class PostgresStore(SqlStore):
+    """PostgreSQL through a small pool of autocommit connections.
+
+    Safe behind PgBouncer in transaction mode: no SET, no session state, no server-side
+    prepared statements; a multi-statement unit is an explicit BEGIN ... COMMIT.
+    """
+
+    dialect = "postgresql"
+
+    def __init__(self, dsn: str, pool_size: int, timeout: float) -> None:
+        self._dsn = dsn
+        self._timeout = timeout
+        self._idle: list[Any] = []
+        self._slots = threading.BoundedSemaphore(pool_size)
+        if gevent.monkey.is_module_patched("socket"):
+            # Without this psycopg2 blocks the whole event loop while it waits.
+            psycopg2.extensions.set_wait_callback(_gevent_wait_callback(timeout))
+
+    def _connect(self) -> Any:
+        conn = psycopg2.connect(self._dsn, connect_timeout=max(1, math.ceil(self._timeout)))
+        conn.autocommit = True
+        return conn
+
+    def _checkout(self) -> Any:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and not _socket_has_input(conn.fileno()):
+                return conn
+            # An idle connection never has anything to read: the server or PgBouncer said
+            # goodbye (restart, idle timeout). Replace it instead of lending it out.
+            with contextlib.suppress(Exception):
+                conn.close()
+        return self._connect()
+
+    @contextlib.contextmanager
+    def _lend(self) -> Iterator[Any]:
+        if not self._slots.acquire(timeout=self._timeout):
+            raise StoreUnavailable("database: every pooled connection stayed busy")
+        conn = None
+        try:
+            conn = self._checkout()
+            yield conn
+        except psycopg2.IntegrityError as exc:
+            if exc.pgcode == psycopg2.errorcodes.UNIQUE_VIOLATION:
+                raise DuplicateError(exc.diag.constraint_name or str(exc)) from exc
+            raise
+        except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError) as exc:
+            raise StoreUnavailable(f"database: {str(exc).strip()}") from exc
+        finally:
+            if conn is not None:
+                reusable = (
+                    not conn.closed
+                    and conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+                )
+                if reusable:
+                    self._idle.append(conn)
+                else:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+            self._slots.release()
+
+    def apply_schema(self, script: str) -> None:
+        with self.transaction() as tx:
+            tx.run(script)
+
+    def close(self) -> None:
+        while self._idle:
+            with contextlib.suppress(Exception):
+                self._idle.pop().close()
+
+
+def _gevent_wait_callback(timeout: float) -> Callable[[Any], None]:
+    """psycopg2's wait callback for gevent: yield to the loop, give up after `timeout`."""
+
+    def wait(conn: Any) -> None:
+        while True:
+            state = conn.poll()
+            if state == psycopg2.extensions.POLL_OK:
+                return
+            exc = psycopg2.OperationalError(f"no answer within {timeout:g} s")
+            if state == psycopg2.extensions.POLL_READ:
+                gevent.socket.wait_read(conn.fileno(), timeout=timeout, timeout_exc=exc)
+            elif state == psycopg2.extensions.POLL_WRITE:
+                gevent.socket.wait_write(conn.fileno(), timeout=timeout, timeout_exc=exc)
+            else:
+                raise psycopg2.OperationalError(f"unexpected poll state {state}")
+
+    return wait
+
+
+def _socket_has_input(fileno: int) -> bool:
+    """True if a socket has bytes (or EOF) waiting; never blocks."""
+    try:
+        readable, _, _ = _real_select([fileno], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class SqliteStore(SqlStore):
+    """One SQLite connection in WAL mode, shared under a lock; the embedded default."""
+
+    dialect = "sqlite"
+    begin_statement = "BEGIN IMMEDIATE"
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self._conn = sqlite3.connect(
+            path, timeout=timeout, isolation_level=None, check_same_thread=False
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._lock = threading.RLock()
+        self.apply_schema(SQLITE_SCHEMA)
+
+    def _adapt(self, sql: str, params: tuple) -> tuple[str, tuple]:
+        return _qmark(sql), tuple(
+            p.astimezone(dt.UTC).strftime(_SQLITE_TIME_FORMAT) if isinstance(p, dt.datetime) else p
+            for p in params
+        )
+
+    @contextlib.contextmanager
+    def _lend(self) -> Iterator[Any]:
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.IntegrityError as exc:
+                if "UNIQUE" in str(exc):
+                    raise DuplicateError(str(exc)) from exc
+                raise
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"database: {exc}") from exc
+
+    def apply_schema(self, script: str) -> None:
+        with self._lock:
+            self._conn.executescript(script)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+@functools.lru_cache(maxsize=256)
+def _qmark(sql: str) -> str:
+    """The same statement with SQLite's placeholders."""
+    return sql.replace("%s", "?")
+
+
+def open_sql_store(cfg: Config) -> SqlStore:
+    """PostgreSQL when DATABASE_URL is set, else the SQLite file."""
+    if cfg.database_url:
+        return PostgresStore(cfg.database_url, cfg.db_pool_size, cfg.db_timeout)
+    return SqliteStore(cfg.db_path, cfg.db_timeout)
+
+
+def _user_from_row(row: tuple) -> dict[str, Any]:
+    return {
+        "id": row[0],
+        "uid": str(row[1]),
+        "email": row[2],
+        "phone": row[3],
+        "display_name": row[4],
+        "is_active": bool(row[5]),
+    }
+
+
+_USER_COLUMNS = "u.id, u.uid, u.email, u.phone, u.display_name, u.is_active"
+
+
+def insert_user(
+    sql: SqlStore, email: str, phone: str | None, display_name: str | None, password_hash: str
+) -> int:
+    """Create a user with a password credential; raise DuplicateError if email or phone exist."""
+    now = utcnow()
+    with sql.transaction() as tx:
+        row = tx.one(
+            "INSERT INTO users (uid, email, phone, display_name, is_active, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+            (str(uuid.uuid4()), email, phone, display_name, True, now),
+        )
+        assert row is not None
+        tx.run(
+            "INSERT INTO credentials (user_id, type, secret, created_at, updated_at)"
+            " VALUES (%s, 'password', %s, %s, %s)",
+            (row[0], password_hash, now, now),
+        )
+    return int(row[0])
+
+
+def get_user_by_id(sql: SqlStore, user_id: int) -> dict[str, Any] | None:
+    """The user with this internal id, or None."""
+    row = sql.one(f"SELECT {_USER_COLUMNS} FROM users u WHERE u.id = %s", (user_id,))
+    return _user_from_row(row) if row else None
+
+
+def get_user_by_email(sql: SqlStore, email: str) -> dict[str, Any] | None:
+    """The user with this (normalised) email, or None."""
+    row = sql.one(f"SELECT {_USER_COLUMNS} FROM users u WHERE lower(u.email) = %s", (email,))
+    return _user_from_row(row) if row else None
+
+
+def get_password_login(
+    sql: SqlStore, email: str | None, phone: str | None
+) -> tuple[dict[str, Any], str] | None:
+    """The user and password hash for a login by email or phone, or None."""
+    row = sql.one(
+        f"SELECT {_USER_COLUMNS}, c.secret FROM users u"
+        " JOIN credentials c ON c.user_id = u.id AND c.type = 'password'"
+        " WHERE lower(u.email) = %s OR u.phone = %s",
+        (email, phone),
+    )
+    return (_user_from_row(row), row[6]) if row else None
+
+
+def update_password_hash(sql: SqlStore, user_id: int, password_hash: str) -> None:
+    """Replace the stored password hash of a user."""
+    sql.run(
+        "UPDATE credentials SET secret = %s, updated_at = %s"
+        " WHERE user_id = %s AND type = 'password'",
+        (password_hash, utcnow(), user_id),
+    )
+
+
+def insert_session(
+    sql: SqlStore,
+    id_hash: str,
+    user_id: int,
+    user_agent: str,
+    ip: str,
+    expires_at: dt.datetime,
+) -> None:
+    """Store a new durable session and drop the user's expired ones."""
+    now = utcnow()
+    with sql.transaction() as tx:
+        tx.run(
+            "DELETE FROM sessions WHERE user_id = %s AND expires_at < %s",
+            (user_id, now),
+        )
+        tx.run(
+            "INSERT INTO sessions (id_hash, user_id, user_agent, ip, created_at, expires_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (id_hash, user_id, user_agent, ip, now, expires_at),
+        )
+
+
+def get_live_session(sql: SqlStore, id_hash: str) -> tuple[int, dt.datetime] | None:
+    """(user id, expiry) of an unrevoked, unexpired session, or None."""
+    row = sql.one(
+        "SELECT user_id, expires_at FROM sessions"
+        " WHERE id_hash = %s AND revoked_at IS NULL AND expires_at > %s",
+        (id_hash, utcnow()),
+    )
+    return (int(row[0]), as_datetime(row[1])) if row else None
+
+
+def mark_session_revoked(sql: SqlStore, id_hash: str) -> None:
+    """End one durable session."""
+    sql.run(
+        "UPDATE sessions SET revoked_at = %s WHERE id_hash = %s AND revoked_at IS NULL",
+        (utcnow(), id_hash),
+    )
+
+
+def mark_user_sessions_revoked(
+    sql: SqlStore, user_id: int, keep_hash: str | None = None
+) -> list[str]:
+    """End every live session of a user (but `keep_hash`); return their hashes."""
+    rows = sql.all(
+        "UPDATE sessions SET revoked_at = %s"
+        " WHERE user_id = %s AND revoked_at IS NULL AND expires_at > %s AND id_hash <> %s"
+        " RETURNING id_hash",
+        (utcnow(), user_id, utcnow(), keep_hash or ""),
+    )
+    return [row[0] for row in rows]
+
+
+###############################################################################
+# Key-value store
+###############################################################################
+
+
+class KeyValueStore:
+    """The few Redis commands CloudChat needs, with errors as StoreUnavailable."""
+
+    def get(self, key: str) -> str | None:
+        """The value of a key, or None."""
+        raise NotImplementedError
+
+    def set(self, key: str, value: str, ttl: int) -> None:
+        """Set a key that expires after `ttl` seconds."""
+        raise NotImplementedError
+
+    def delete(self, *keys: str) -> int:
+        """Delete keys; return how many existed."""
+        raise NotImplementedError
+
+    def hit(self, key: str, window: int) -> tuple[int, int]:
+        """Count one event in a fixed window that starts at the first; (count, seconds left)."""
+        raise NotImplementedError
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class RedisStore(KeyValueStore):
+    """Redis through a bounded connection pool; every key carries the configured prefix."""
+
+    def __init__(self, url: str, prefix: str, timeout: float, pool_size: int) -> None:
+        self._prefix = prefix
+        # One immediate retry on a dropped connection (a restarted Redis), none on a timeout:
+        # a hung Redis must cost one timeout, not several.
+        retry = redis.retry.Retry(
+            redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,)
+        )
+        self._pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=retry,
+            decode_responses=True,
+        )
+        self._client = redis.Redis(connection_pool=self._pool)
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def get(self, key: str) -> str | None:
+        with self._errors():
+            return self._client.get(self._prefix + key)
+
+    def set(self, key: str, value: str, ttl: int) -> None:
+        with self._errors():
+            self._client.set(self._prefix + key, value, ex=max(1, ttl))
+
+    def delete(self, *keys: str) -> int:
+        if not keys:
+            return 0
+        with self._errors():
+            return int(self._client.delete(*(self._prefix + key for key in keys)))
+
+    def hit(self, key: str, window: int) -> tuple[int, int]:
+        full = self._prefix + key
+        with self._errors():
+            # SET NX EX creates the window with its expiry; INCR keeps that expiry. In one
+            # MULTI, so a crash between the two can never leave a counter without a TTL.
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(full, 0, ex=window, nx=True)
+            pipe.incr(full)
+            pipe.ttl(full)
+            _, count, ttl = pipe.execute()
+        return int(count), max(1, int(ttl))
+
+    def ping(self) -> None:
+        with self._errors():
+            self._client.ping()
+
+    def close(self) -> None:
+        self._pool.disconnect()
+
+
+class MemoryStore(KeyValueStore):
+    """An in-process stand-in for Redis with real expiry; serves a single process only."""
+
+    _SWEEP_EVERY = 1024
+
+    def __init__(self) -> None:
+        self._data: dict[str, tuple[Any, float]] = {}
+        self._lock = threading.Lock()
+        self._writes = 0
+
+    def _live(self, key: str, now: float) -> tuple[Any, float] | None:
+        entry = self._data.get(key)
+        if entry is not None and entry[1] <= now:
+            del self._data[key]
+            return None
+        return entry
+
+    def _wrote(self, now: float) -> None:
+        # Expired keys nobody reads again would pile up: sweep now and then.
+        self._writes += 1
+        if self._writes % self._SWEEP_EVERY == 0:
+            for key in [k for k, (_, deadline) in self._data.items() if deadline <= now]:
+                del self._data[key]
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            entry = self._live(key, time.monotonic())
+            return None if entry is None else str(entry[0])
+
+    def set(self, key: str, value: str, ttl: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._data[key] = (value, now + max(1, ttl))
+            self._wrote(now)
+
+    def delete(self, *keys: str) -> int:
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for key in keys if self._live(key, now) and self._data.pop(key))
+
+    def hit(self, key: str, window: int) -> tuple[int, int]:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._live(key, now)
+            count, deadline = (1, now + window) if entry is None else (entry[0] + 1, entry[1])
+            self._data[key] = (count, deadline)
+            self._wrote(now)
+        return count, max(1, math.ceil(deadline - now))
+
+    def ping(self) -> None:
+        return None
+
+
+def open_kv_store(cfg: Config) -> KeyValueStore:
+    """Redis when configured, else the in-process store."""
+    if cfg.redis_url:
+        return RedisStore(
+            cfg.redis_url, cfg.redis_key_prefix, cfg.redis_timeout, cfg.redis_pool_size
+        )
+    return MemoryStore()
+
+
+###############################################################################
+# Security: input rules, password hashing, tokens, rate limits, client address
+###############################################################################
+
+EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+")
+PHONE_RE = re.compile(r"\+?[0-9][0-9 \-]*")
+PASSWORD_MIN, PASSWORD_MAX = 8, 128
+DISPLAY_NAME_MAX = 64
+
+# Passwords that pass the two-kinds rule yet top every leaked-password list.
+COMMON_PASSWORDS = frozenset(
+    """
+    password1 password12 password123 password1234 passw0rd p@ssw0rd p@ssword pa55word
+    qwerty123 qwerty1234 qwertyuiop1 1qaz2wsx 1q2w3e4r 1q2w3e4r5t zaq12wsx qazwsx123
+    abc12345 abcd1234 abc123456 a1b2c3d4 12345abc 123456789a 12345678a 1234567a
+    iloveyou1 letmein1 welcome1 welcome123 admin123 admin1234 administrator1 root1234
+    monkey123 dragon123 sunshine1 princess1 football1 baseball1 master123 trustno1
+    superman1 batman123 michael1 charlie1 shadow123 asdf1234 asdfgh123 zxcvbnm1
+    test1234 testing123 changeme1 secret123 login123 hello123 computer1 internet1
+    """.split()
+)
+
+
+def normalize_email(raw: str | None) -> str | None:
+    """The trimmed, lower-cased address, or None if it does not look like one."""
+    if raw is None:
+        return None
+    email = raw.strip().lower()
+    if len(email) > 254 or not EMAIL_RE.fullmatch(email):
+        return None
+    return email
+
+
+def normalize_phone(raw: str | None) -> str | None:
+    """The number as an optional '+' and digits (spaces, hyphens dropped), or None."""
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not PHONE_RE.fullmatch(text):
+        return None
+    phone = text.replace(" ", "").replace("-", "")
+    digits = phone.lstrip("+")
+    return phone if 5 <= len(digits) <= 20 else None
+
+
+def password_problem(password: str) -> str | None:
+    """Why a new password is not acceptable, or None."""
+    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
+        return f"Password must be {PASSWORD_MIN} to {PASSWORD_MAX} characters long"
+    kinds = (
+        any(c.isalpha() for c in password)
+        + any(c.isdigit() for c in password)
+        + any(not c.isalnum() for c in password)
+    )
+    if kinds < 2:
+        return "Password must mix at least two of: letters, digits, other characters"
+    if password.lower() in COMMON_PASSWORDS:
+        return "Password is too common; choose another"
+    return None
+
+
+class PasswordHasher:
+    """Argon2id off the event loop: gevent's thread pool, at most N hashes at once."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._hasher = argon2.PasswordHasher(
+            time_cost=cfg.argon2_time_cost,
+            memory_cost=cfg.argon2_memory_kib,
+            parallelism=cfg.argon2_parallelism,
+            type=argon2.Type.ID,
+        )
+        self._slots = threading.BoundedSemaphore(cfg.argon2_max_concurrency)
+        self._offload = gevent.monkey.is_module_patched("threading")
+        self._dummy_hash: str | None = None
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # Argon2 releases the GIL, so a worker thread hashes while the loop serves others;
+        # the semaphore caps memory at argon2_memory_kib x argon2_max_concurrency.
+        with self._slots:
+            if self._offload:
+                return gevent.get_hub().threadpool.apply(fn, args)
+            return fn(*args)
+
+    def hash(self, password: str) -> str:
+        """A new Argon2id hash of a password."""
+        return self._run(self._hasher.hash, password)
+
+    def verify(self, password_hash: str, password: str) -> bool:
+        """True if the password matches the hash."""
+        try:
+            return bool(self._run(self._hasher.verify, password_hash, password))
+        except argon2.exceptions.VerifyMismatchError:
+            return False
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            log.warning("stored password hash could not be checked (corrupt or foreign format)")
+            return False
+
+    def spend_one_verification(self, password: str) -> None:
+        """Do the work of one failed verification, so unknown accounts cost the same time."""
+        if self._dummy_hash is None:
+            self._dummy_hash = self.hash(secrets.token_hex(16))
+        self.verify(self._dummy_hash, password)
+
+    def needs_rehash(self, password_hash: str) -> bool:
+        """True if the hash was made with other parameters than the current ones."""
+        try:
+            return self._hasher.check_needs_rehash(password_hash)
+        except argon2.exceptions.InvalidHashError:
+            return True
+
+
+def new_token() -> str:
+    """A URL-safe random token of 256 bits."""
+    return secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    """The SHA-256 of a token, hex: what storage keeps instead of the token."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def over_rate_limit(kv: KeyValueStore, rule: RateLimit, action: str, key: str) -> int | None:
+    """Count an attempt; seconds until the window reopens if over the limit, else None."""
+    # Keys are hashed so that emails and addresses never sit in the key space in clear.
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    count, retry_after = kv.hit(f"rl:{action}:{digest}", rule.window)
+    return retry_after if count > rule.limit else None
+
+
+def client_ip(environ: Mapping[str, Any], trusted: tuple[Any, ...]) -> str:
+    """The client's address: the socket peer, or what a trusted proxy in front reports."""
+    peer = environ.get("REMOTE_ADDR") or "unknown"
+    if not _is_trusted(peer, trusted):
+        return peer
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
+    # Walk from the right: each entry was appended by the hop before; the first one not
+    # added by our own proxies is the client. Entries further left are the client's words.
+    for entry in reversed([item.strip() for item in forwarded.split(",") if item.strip()]):
+        try:
+            address = str(ipaddress.ip_address(entry))
+        except ValueError:
+            return peer
+        if not _is_trusted(address, trusted):
+            return address
+    return peer
+
+
+def _is_trusted(address: str, trusted: tuple[Any, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+###############################################################################
+# Sessions
+###############################################################################
+
+
+def _session_cache_key(id_hash: str) -> str:
+    return f"sess:{id_hash}"
+
+
+def create_session(
+    sql: SqlStore, kv: KeyValueStore, cfg: Config, user_id: int, user_agent: str, ip: str
+) -> str:
+    """Start a session: durable row, warm cache entry; return the id for the cookie."""
+    token = new_token()
+    id_hash = token_hash(token)
+    insert_session(
+        sql,
+        id_hash,
+        user_id,
+        user_agent[:256],
+        ip,
+        utcnow() + dt.timedelta(seconds=cfg.session_ttl),
+    )
+    try:
+        kv.set(_session_cache_key(id_hash), str(user_id), cfg.session_ttl)
+    except StoreUnavailable as exc:
+        log.warning("session cache not warmed: %s", exc)
+    return token
+
+
+def get_session_user_id(sql: SqlStore, kv: KeyValueStore, token: str) -> int | None:
+    """The user id of a live session, from the cache or else from SQL; None if not live."""
+    id_hash = token_hash(token)
+    try:
+        cached = kv.get(_session_cache_key(id_hash))
+    except StoreUnavailable as exc:
+        log.warning("session cache unavailable, reading SQL: %s", exc)
+        return _session_from_sql(sql, None, id_hash)
+    if cached is not None:
+        return int(cached)
+    return _session_from_sql(sql, kv, id_hash)
+
+
+def _session_from_sql(sql: SqlStore, kv: KeyValueStore | None, id_hash: str) -> int | None:
+    found = get_live_session(sql, id_hash)
+    if found is None:
+        return None
+    user_id, expires_at = found
+    if kv is not None:
+        ttl = int((expires_at - utcnow()).total_seconds())
+        if ttl > 0:
+            try:
+                kv.set(_session_cache_key(id_hash), str(user_id), ttl)
+            except StoreUnavailable as exc:
+                log.warning("session cache not refilled: %s", exc)
+    return user_id
+
+
+def revoke_session(sql: SqlStore, kv: KeyValueStore, token: str) -> None:
+    """End one session at once: SQL first (the authority), then the cache."""
+    id_hash = token_hash(token)
+    mark_session_revoked(sql, id_hash)
+    _evict_cached_sessions(kv, [id_hash])
+
+
+def revoke_user_sessions(
+    sql: SqlStore, kv: KeyValueStore, user_id: int, keep_token: str | None = None
+) -> int:
+    """End every session of a user (but `keep_token`'s); return how many ended.
+
+    The per-user index is sessions(user_id) in SQL: it survives a Redis flush, and the
+    hashes it returns name exactly the cache keys to drop, so nothing scans the key space.
+    """
+    hashes = mark_user_sessions_revoked(
+        sql, user_id, token_hash(keep_token) if keep_token else None
+    )
+    _evict_cached_sessions(kv, hashes)
+    return len(hashes)
+
+
+def _evict_cached_sessions(kv: KeyValueStore, hashes: list[str]) -> None:
+    try:
+        kv.delete(*(_session_cache_key(h) for h in hashes))
+    except StoreUnavailable as exc:
+        # SQL already says revoked; a cache that comes back empty holds nothing stale.
+        log.error("revoked sessions not evicted from the cache: %s", exc)
+
+
+###############################################################################
+# App: request plumbing, error envelope, routes
+###############################################################################
+
+SECURITY_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "SAMEORIGIN"),
+    ("Referrer-Policy", "strict-origin-when-cross-origin"),
+)
+_SECURITY_HEADER_NAMES = {name.lower() for name, _ in SECURITY_HEADERS}
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{8,64}")
+_CONTROL_CHARS = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+
+_DEFAULT_ERRORS = {
+    400: ("bad_request", "Bad request"),
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    413: ("body_too_large", "Request body too large"),
+    500: ("internal_error", "Internal server error"),
+}
+
+
+def _escape(text: str) -> str:
+    """Text safe for one log line: control characters escaped."""
+    return text.translate(_CONTROL_CHARS)
+
+
+def _json_bytes(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def error_body(error: ApiError) -> bytes:
+    """The one JSON envelope of every failure; sets status and headers on the response."""
+    bottle.response.status = error.status
+    bottle.response.content_type = "application/json"
+    for name, value in error.headers.items():
+        bottle.response.set_header(name, value)
+    return _json_bytes({"ok": False, "error": error.message, "code": error.code})
+
+
+def _request_id() -> str:
+    return bottle.request.environ.get("cloudchat.request_id", "")
+
+
+def api_route(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """Bottle plugin: dict results become JSON; every failure becomes the JSON envelope."""
+
+    @functools.wraps(callback)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = callback(*args, **kwargs)
+        except ApiError as exc:
+            return error_body(exc)
+        except StoreUnavailable as exc:
+            log.warning("dependency unavailable rid=%s: %s", _request_id(), exc)
+            return error_body(
+                ApiError(503, "unavailable", "Service temporarily unavailable, try again shortly")
+            )
+        except bottle.HTTPResponse:
+            raise
+        except Exception:
+            log.exception("unhandled error rid=%s", _request_id())
+            return error_body(
+                ApiError(500, "internal_error", f"Internal server error (request {_request_id()})")
+            )
+        if isinstance(result, dict):
+            bottle.response.content_type = "application/json"
+            return _json_bytes(result)
+        return result
+
+    return wrapper
+
+
+def _bottle_error(error: bottle.HTTPError) -> bytes:
+    """Bottle's own failures (no route, wrong method) in the same JSON envelope."""
+    if error.status_code >= 500 and error.exception is not None:
+        log.error("bottle error rid=%s: %r", _request_id(), error.exception)
+    code, message = _DEFAULT_ERRORS.get(error.status_code, ("error", "Request failed"))
+    return error_body(ApiError(error.status_code, code, message))
+
+
+def read_json_object(max_bytes: int) -> dict[str, Any]:
+    """The request body as a JSON object; {} when there is none; ApiError otherwise."""
+    environ = bottle.request.environ
+    content_type = environ.get("CONTENT_TYPE", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", "Send the body as application/json")
+    length_header = environ.get("CONTENT_LENGTH") or ""
+    try:
+        length = int(length_header) if length_header else None
+    except ValueError:
+        raise ApiError(400, "bad_request", "Invalid Content-Length") from None
+    if length is not None and length > max_bytes:
+        raise ApiError(413, "body_too_large", f"Request body exceeds {max_bytes} bytes")
+    stream = environ["wsgi.input"]
+    raw = stream.read(length) if length is not None else stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ApiError(413, "body_too_large", f"Request body exceeds {max_bytes} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "invalid_json", "Request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "Request body must be a JSON object")
+    return body
+
+
+def str_field(body: Mapping[str, Any], name: str) -> str | None:
+    """A string field of the body, None when absent or null; a 400 for any other type."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_input", f"Field '{name}' must be a string")
+    if "\x00" in value:
+        raise ApiError(400, "invalid_input", f"Field '{name}' contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON can spell lone surrogates (\ud800) that no database column can store.
+        raise ApiError(400, "invalid_input", f"Field '{name}' is not valid Unicode") from None
+    return value
+
+
+@dataclasses.dataclass
+class Services:
+    """What the routes work with: configuration, stores, hasher."""
+
+    cfg: Config
+    sql: SqlStore
+    kv: KeyValueStore
+    hasher: PasswordHasher
+
+    def close(self) -> None:
+        """Release the stores' connections."""
+        self.kv.close()
+        self.sql.close()
+
+
+class CloudChatApp:
+    """The WSGI application: request id, security headers and one log line per request."""
+
+    def __init__(self, services: Services, router: bottle.Bottle) -> None:
+        self.services = services
+        self.router = router
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        started = time.perf_counter()
+        incoming = environ.get("HTTP_X_REQUEST_ID", "")
+        rid = incoming if _REQUEST_ID_RE.fullmatch(incoming) else str(uuid.uuid4())
+        environ["cloudchat.request_id"] = rid
+        path = environ.get("PATH_INFO", "")
+        secure_headers = path.startswith("/auth/")
+        seen: list[str] = []
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if secure_headers:
+                headers = [h for h in headers if h[0].lower() not in _SECURITY_HEADER_NAMES]
+                headers.extend(SECURITY_HEADERS)
+            headers.append(("X-Request-ID", rid))
+            seen.append(status)
+            return start_response(status, headers, exc_info)
+
+        body = self.router(environ, start)
+        if isinstance(body, list):
+            self._log(environ, path, seen, started, rid)
+            return body
+        return _LoggedBody(body, lambda: self._log(environ, path, seen, started, rid))
+
+    @staticmethod
+    def _log(
+        environ: Mapping[str, Any], path: str, seen: list[str], started: float, rid: str
+    ) -> None:
+        status = seen[-1].split(" ", 1)[0] if seen else "-"
+        log.info(
+            "%s %s %s %.1fms rid=%s",
+            _escape(environ.get("REQUEST_METHOD", "-")),
+            _escape(path),
+            status,
+            (time.perf_counter() - started) * 1000,
+            rid,
+        )
+
+    def close(self) -> None:
+        """Release the stores' connections."""
+        self.services.close()
+
+
+class _LoggedBody:
+    """A streamed response body that writes the request's log line when it is closed."""
+
+    def __init__(self, body: Any, on_close: Callable[[], None]) -> None:
+        self._body = body
+        self._on_close = on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            if hasattr(self._body, "close"):
+                self._body.close()
+        finally:
+            self._on_close()
+
+
+def create_app(
+    cfg: Config, sql: SqlStore | None = None, kv: KeyValueStore | None = None
+) -> CloudChatApp:
+    """Build the WSGI application for a configuration (the app factory)."""
+    services = Services(
+        cfg=cfg,
+        sql=sql or open_sql_store(cfg),
+        kv=kv or open_kv_store(cfg),
+        hasher=PasswordHasher(cfg),
+    )
+    router = bottle.Bottle()
+    router.uninstall("json")  # api_route serialises; one JSON shape everywhere
+    router.default_error_handler = _bottle_error
+    router.install(api_route)
+    _add_account_routes(router, services)
+    _add_misc_routes(router, services)
+    return CloudChatApp(services, router)
+
+
+def _set_auth_cookie(cfg: Config, value: str, max_age: int) -> None:
+    """Set (or, with max_age 0, expire) the login cookie with the contract's attributes."""
+    # Written by hand: Bottle lower-cases SameSite, and the contract spells it "Lax".
+    parts = [f"{cfg.auth_cookie_name}={value}", "HttpOnly", f"Max-Age={max_age}", "Path=/"]
+    parts.append("SameSite=Lax")
+    if max_age == 0:
+        parts.append("Expires=Thu, 01 Jan 1970 00:00:00 GMT")
+    if cfg.cookie_secure:
+        parts.append("Secure")
+    bottle.response.add_header("Set-Cookie", "; ".join(parts))
+
+
+def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
+    """POST /auth/register, /auth/login, /auth/logout; GET /auth/me, /auth/healthz."""
+    cfg = s.cfg
+    invalid_credentials = ApiError(401, "invalid_credentials", "Invalid credentials")
+
+    def rate_limited(rule: RateLimit, action: str, key: str) -> None:
+        retry_after = over_rate_limit(s.kv, rule, action, key)
+        if retry_after is not None:
+            raise ApiError(
+                429,
+                "rate_limited",
+                "Too many attempts, try again later",
+                {"Retry-After": str(retry_after)},
+            )
+
+    def current_user() -> dict[str, Any] | None:
+        token = bottle.request.get_cookie(cfg.auth_cookie_name)
+        if not token or len(token) > 128:
+            return None
+        user_id = get_session_user_id(s.sql, s.kv, token)
+        if user_id is None:
+            return None
+        user = get_user_by_id(s.sql, user_id)
+        return user if user and user["is_active"] else None
+
+    def login_required(callback: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(callback)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            user = current_user()
+            if user is None:
+                raise ApiError(401, "unauthorized", "Unauthorized")
+            return callback(user, *args, **kwargs)
+
+        return wrapper
+
+    @router.post("/auth/register")
+    def register() -> dict[str, Any]:
+        body = read_json_object(cfg.max_body_bytes)
+        email = normalize_email(str_field(body, "email"))
+        password = str_field(body, "password")
+        phone_raw = str_field(body, "phone")
+        phone = normalize_phone(phone_raw) if phone_raw and phone_raw.strip() else None
+        display_name = (str_field(body, "display_name") or "").strip() or None
+        if email is None:
+            raise ApiError(400, "invalid_email", "A valid email address is required")
+        problem = password_problem(password or "")
+        if problem:
+            raise ApiError(400, "weak_password", problem)
+        if phone_raw and phone_raw.strip() and phone is None:
+            raise ApiError(400, "invalid_phone", "Phone must be digits with an optional leading +")
+        if display_name and (
+            len(display_name) > DISPLAY_NAME_MAX or not display_name.isprintable()
+        ):
+            raise ApiError(
+                400, "invalid_input", f"Display name must be at most {DISPLAY_NAME_MAX} characters"
+            )
+        rate_limited(
+            cfg.rate_register_ip,
+            "register_ip",
+            client_ip(bottle.request.environ, cfg.trusted_proxies),
+        )
+        rate_limited(cfg.rate_register_email, "register_email", email)
+        password_hash = s.hasher.hash(password)
+        try:
+            insert_user(s.sql, email, phone, display_name, password_hash)
+        except DuplicateError as exc:
+            # The constraints decide uniqueness: a check-then-insert would race.
+            if "phone" in exc.constraint:
+                raise ApiError(409, "phone_taken", "Phone number already registered") from None
+            raise ApiError(409, "email_taken", "Email already registered") from None
+        bottle.response.status = 201
+        return {"ok": True}
+
+    @router.post("/auth/login")
+    def login() -> dict[str, Any]:
+        body = read_json_object(cfg.max_body_bytes)
+        identifier = (str_field(body, "identifier") or "").strip()
+        password = str_field(body, "password") or ""
+        if not identifier or not password:
+            raise ApiError(400, "invalid_input", "Identifier and password are required")
+        email = normalize_email(identifier) if "@" in identifier else None
+        phone = None if "@" in identifier else normalize_phone(identifier)
+        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
+        over_ip = over_rate_limit(s.kv, cfg.rate_login_ip, "login_ip", ip)
+        over_id = over_rate_limit(
+            s.kv, cfg.rate_login_identifier, "login_id", email or phone or identifier.lower()
+        )
+        if over_ip is not None or over_id is not None:
+            raise invalid_credentials
+        found = get_password_login(s.sql, email, phone) if (email or phone) else None
+        if found is None:
+            s.hasher.spend_one_verification(password)
+            raise invalid_credentials
+        user, password_hash = found
+        if not s.hasher.verify(password_hash, password) or not user["is_active"]:
+            raise invalid_credentials
+        if s.hasher.needs_rehash(password_hash):
+            update_password_hash(s.sql, user["id"], s.hasher.hash(password))
+        previous = bottle.request.get_cookie(cfg.auth_cookie_name)
+        if previous and len(previous) <= 128:
+            # Never keep a session id from before the login (fixation): end it.
+            revoke_session(s.sql, s.kv, previous)
+        token = create_session(
+            s.sql,
+            s.kv,
+            cfg,
+            user["id"],
+            bottle.request.environ.get("HTTP_USER_AGENT", ""),
+            ip,
+        )
+        _set_auth_cookie(cfg, token, cfg.session_ttl)
+        return {"ok": True}
+
+    @router.post("/auth/logout")
+    def logout() -> dict[str, Any]:
+        token = bottle.request.get_cookie(cfg.auth_cookie_name)
+        if token and len(token) <= 128:
+            revoke_session(s.sql, s.kv, token)
+        _set_auth_cookie(cfg, "", 0)
+        return {"ok": True}
+
+    @router.get("/auth/me")
+    @login_required
+    def me(user: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "user": user}
+
+    @router.get("/auth/healthz")
+    def healthz() -> dict[str, Any]:
+        checks = check_health(s, cfg.health_timeout)
+        ok = all(checks.values())
+        bottle.response.status = 200 if ok else 503
+        return {"ok": ok, **checks}
+
+
+def check_health(s: Services, timeout: float) -> dict[str, bool]:
+    """Ping Redis and the database at once; each that fails or exceeds `timeout` is False."""
+
+    def probe(name: str, ping: Callable[[], None]) -> bool:
+        try:
+            ping()
+            return True
+        except Exception as exc:
+            log.warning("health check: %s down: %s", name, exc)
+            return False
+
+    jobs = {
+        "redis": gevent.spawn(probe, "redis", s.kv.ping),
+        "db": gevent.spawn(probe, "db", s.sql.ping),
+    }
+    gevent.joinall(list(jobs.values()), timeout=timeout)
+    result = {}
+    for name, job in jobs.items():
+        if not job.ready():
+            log.warning("health check: %s gave no answer within %g s", name, timeout)
+            job.kill(block=False)
+        result[name] = bool(job.ready() and job.successful() and job.value)
+    return result
+
+
+def _add_misc_routes(router: bottle.Bottle, s: Services) -> None:
+    """GET /test."""
+
+    @router.get("/test")
+    def test() -> dict[str, Any]:
+        return {"timestamp": time.time(), "request_id": _request_id()}
+
+
+_lazy_app: CloudChatApp | None = None
+_lazy_app_lock = threading.Lock()
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+    """WSGI entry point for other servers; built from the environment on the first request."""
+    global _lazy_app
+    if _lazy_app is None:
+        with _lazy_app_lock:
+            if _lazy_app is None:
+                _lazy_app = create_app(Config.from_env(os.environ))
+    return _lazy_app(environ, start_response)
+
+
+###############################################################################
+# main()
+###############################################################################
+
+
+class NoDelayWSGIServer(gevent.pywsgi.WSGIServer):
+    """gevent's WSGI server with Nagle's algorithm off on every accepted connection."""
+
+    def handle(self, sock: socket.socket, address: Any) -> None:
+        # pywsgi writes headers and body separately; with Nagle on, delayed ACKs stall
+        # every keep-alive response by tens of milliseconds.
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().handle(sock, address)
+
+
+def serve(cfg: Config) -> int:
+    """Serve until SIGTERM or SIGINT; let requests in flight finish within the grace period."""
+    if not gevent.monkey.is_module_patched("socket"):
+        log.error(
+            "gevent has not patched the standard library: run `python cloudchat.py`, or call"
+            " gevent.monkey.patch_all() before importing cloudchat"
+        )
+        return 2
+    application = create_app(cfg)
+    if not cfg.database_url:
+        log.warning("embedded storage: SQLite file %s, in-process key-value store", cfg.db_path)
+    server = NoDelayWSGIServer(
+        (cfg.host, cfg.port),
+        application,
+        log=None,
+        error_log=gevent.pywsgi.LoggingLogAdapter(log, logging.ERROR),
+    )
+    server.start()
+    host, port = server.address[:2]
+    log.info("cloudchat %s listening on http://%s:%d", __version__, host, port)
+
+    def stop(signum: int) -> None:
+        log.info("signal %d: no new connections, grace %g s", signum, cfg.shutdown_grace)
+        gevent.spawn(server.stop, timeout=cfg.shutdown_grace)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop, signum)
+    server.serve_forever()
+    application.close()
+    log.info("stopped")
+    return 0
+
+
+def initdb(cfg: Config) -> int:
+    """Create or update the tables; safe to run again."""
+    if cfg.database_url:
+        try:
+            with open(SCHEMA_PATH, encoding="utf-8") as schema_file:
+                script = schema_file.read()
+        except OSError as exc:
+            print(
+                f"cloudchat: cannot read {SCHEMA_PATH} ({exc.strerror}); keep schema.sql"
+                " beside cloudchat.py",
+                file=sys.stderr,
+            )
+            return 1
+        store: SqlStore = PostgresStore(cfg.database_url, 1, cfg.db_timeout)
+    else:
+        script = SQLITE_SCHEMA
+        store = SqliteStore(cfg.db_path, cfg.db_timeout)
+    try:
+        store.apply_schema(script)
+    except StoreUnavailable as exc:
+        print(f"cloudchat: initdb failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    log.info("schema applied to %s", "PostgreSQL" if cfg.database_url else cfg.db_path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: serve (default) or initdb."""
+    parser = argparse.ArgumentParser(
+        prog="cloudchat.py",
+        description="CloudChat server. Settings come from environment variables"
+        " (see config.example.env).",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=("serve", "initdb"),
+        help="serve: run the HTTP server on HOST:PORT (default). initdb: create or update"
+        " the tables in DATABASE_URL's PostgreSQL (from schema.sql) or in the SQLite file"
+        " CLOUDCHAT_DB_PATH; safe to run again.",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = Config.from_env(os.environ)
+    except UnsafeConfigError as exc:
+        print(f"cloudchat: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"cloudchat: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=cfg.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "initdb":
+        return initdb(cfg)
+    return serve(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
