@@ -33,8 +33,11 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import email.message
+import email.utils
 import functools
 import hashlib
+import html
 import ipaddress
 import json
 import logging
@@ -43,8 +46,10 @@ import os
 import re
 import secrets
 import signal
+import smtplib
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -57,6 +62,7 @@ import argon2
 import bottle
 import gevent
 import gevent.monkey
+import gevent.pool
 import gevent.pywsgi
 import gevent.socket
 import psycopg2
@@ -111,11 +117,11 @@ class Config:
     env: str = "development"
     host: str = "127.0.0.1"
     port: int = 5000
-    database_url: str = ""
+    database_url: str = dataclasses.field(default="", repr=False)
     db_path: str = "cloudchat.db"
     db_pool_size: int = 4
-    db_timeout: float = 5.0
-    redis_url: str = ""
+    db_timeout: float = 3.0
+    redis_url: str = dataclasses.field(default="", repr=False)
     redis_timeout: float = 1.0
     redis_pool_size: int = 16
     redis_key_prefix: str = "cc:"
@@ -133,6 +139,22 @@ class Config:
     rate_register_email: RateLimit = RateLimit(3, 3600)
     rate_login_ip: RateLimit = RateLimit(10, 600)
     rate_login_identifier: RateLimit = RateLimit(10, 600)
+    rate_forgot_ip: RateLimit = RateLimit(20, 3600)
+    rate_forgot_identifier: RateLimit = RateLimit(5, 3600)
+    site_name: str = "CloudChat"
+    frontend_base_url: str = "http://localhost:5000"
+    pwreset_token_ttl: int = 900
+    pwreset_revoke_sessions: bool = True
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_user: str = ""
+    smtp_pass: str = dataclasses.field(default="", repr=False)
+    smtp_tls: bool = True
+    smtp_ca_file: str = ""
+    smtp_timeout: float = 10.0
+    mail_from: str = "no-reply@localhost"
+    mail_sender_name: str = "CloudChat"
+    mail_retries: int = 2
     debug_return_reset_token: bool = False
     health_timeout: float = 2.0
     shutdown_grace: float = 10.0
@@ -154,7 +176,7 @@ class Config:
             database_url=read.text("DATABASE_URL", ""),
             db_path=read.text("CLOUDCHAT_DB_PATH", "cloudchat.db"),
             db_pool_size=read.integer("DB_POOL_SIZE", 4, 1, 100),
-            db_timeout=read.number("DB_TIMEOUT", 5.0, 0.1, 120),
+            db_timeout=read.number("DB_TIMEOUT", 3.0, 0.1, 120),
             redis_url=_redis_url_from_env(environ),
             redis_timeout=read.number("REDIS_TIMEOUT", 1.0, 0.05, 60),
             redis_pool_size=read.integer("REDIS_POOL_SIZE", 16, 1, 1000),
@@ -177,6 +199,22 @@ class Config:
             rate_register_email=read.rate("RATE_REGISTER_EMAIL", RateLimit(3, 3600)),
             rate_login_ip=read.rate("RATE_LOGIN_IP", RateLimit(10, 600)),
             rate_login_identifier=read.rate("RATE_LOGIN_IDENTIFIER", RateLimit(10, 600)),
+            rate_forgot_ip=read.rate("RATE_FORGOT_IP", RateLimit(20, 3600)),
+            rate_forgot_identifier=read.rate("RATE_FORGOT_IDENTIFIER", RateLimit(5, 3600)),
+            site_name=read.text("SITE_NAME", "CloudChat"),
+            frontend_base_url=read.url("FRONTEND_BASE_URL", "http://localhost:5000"),
+            pwreset_token_ttl=read.integer("PWRESET_TOKEN_TTL", 900, 60, 86400),
+            pwreset_revoke_sessions=read.flag("PWRESET_REVOKE_SESSIONS", True),
+            smtp_host=read.text("SMTP_HOST", ""),
+            smtp_port=read.integer("SMTP_PORT", 587, 1, 65535),
+            smtp_user=read.text("SMTP_USER", ""),
+            smtp_pass=environ.get("SMTP_PASS", ""),
+            smtp_tls=read.flag("SMTP_TLS", True),
+            smtp_ca_file=read.text("SMTP_CA_FILE", ""),
+            smtp_timeout=read.number("SMTP_TIMEOUT", 10.0, 0.5, 300),
+            mail_from=read.text("MAIL_FROM", "no-reply@localhost"),
+            mail_sender_name=read.text("MAIL_SENDER_NAME", read.text("SITE_NAME", "CloudChat")),
+            mail_retries=read.integer("MAIL_RETRIES", 2, 0, 10),
             debug_return_reset_token=read.flag("DEBUG_RETURN_RESET_TOKEN", False),
             health_timeout=read.number("HEALTH_TIMEOUT", 2.0, 0.1, 60),
             shutdown_grace=read.number("SHUTDOWN_GRACE_SECONDS", 10.0, 0, 600),
@@ -211,6 +249,20 @@ def production_problems(cfg: Config) -> list[str]:
         problems.append(
             "Redis is not configured, the in-process store serves one process only (set REDIS_URL)"
         )
+    if not cfg.frontend_base_url.startswith("https://"):
+        problems.append(
+            "FRONTEND_BASE_URL is not https, reset links would travel in clear"
+            " (set it to the site's https:// address)"
+        )
+    if (
+        cfg.smtp_host
+        and not cfg.smtp_tls
+        and cfg.smtp_port != 465
+        and not _is_loopback(cfg.smtp_host)
+    ):
+        problems.append(
+            "SMTP_TLS=0 sends mail and the SMTP password in clear (set SMTP_TLS=1, or port 465)"
+        )
     if (
         cfg.argon2_memory_kib < ARGON2_DEFAULT_MEMORY_KIB
         or cfg.argon2_time_cost < ARGON2_DEFAULT_TIME_COST
@@ -220,6 +272,16 @@ def production_problems(cfg: Config) -> list[str]:
             " ARGON2_TIME_COST >= 2)"
         )
     return problems
+
+
+def _is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _EnvReader:
@@ -278,6 +340,13 @@ class _EnvReader:
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name}={raw!r} is not a switch (use 1 or 0)")
+
+    def url(self, name: str, default: str) -> str:
+        raw = self.text(name, default).rstrip("/")
+        parts = urllib.parse.urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"{name}={raw!r} is not an http(s) URL such as https://example.com")
+        return raw
 
     def rate(self, name: str, default: RateLimit) -> RateLimit:
         raw = self._raw(name)
@@ -338,6 +407,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+_CONTROL_CHARS = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+
+
+def _escape(text: str) -> str:
+    """Text safe for one log line: control characters escaped."""
+    return text.translate(_CONTROL_CHARS)
+
+
 class StoreUnavailable(Exception):
     """A storage dependency (SQL or key-value) did not answer in time; becomes a 503."""
 
@@ -391,6 +468,13 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_user_id_idx ON sessions (user_id);
 CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON sessions (expires_at);
+CREATE TABLE IF NOT EXISTS password_resets (
+    token_hash   TEXT PRIMARY KEY CHECK (length(token_hash) = 64),
+    user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS password_resets_user_id_idx ON password_resets (user_id);
 """
 
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
@@ -777,6 +861,45 @@ def mark_user_sessions_revoked(
     return [row[0] for row in rows]
 
 
+def replace_reset_token(sql: SqlStore, user_id: int, id_hash: str, expires_at: dt.datetime) -> None:
+    """Store a user's new reset token (hashed); every older one stops working."""
+    with sql.transaction() as tx:
+        tx.run("DELETE FROM password_resets WHERE user_id = %s", (user_id,))
+        tx.run(
+            "INSERT INTO password_resets (token_hash, user_id, created_at, expires_at)"
+            " VALUES (%s, %s, %s, %s)",
+            (id_hash, user_id, utcnow(), expires_at),
+        )
+
+
+def get_reset_user_id(sql: SqlStore, id_hash: str) -> int | None:
+    """The user a live reset token belongs to, or None."""
+    row = sql.one(
+        "SELECT user_id FROM password_resets WHERE token_hash = %s AND expires_at > %s",
+        (id_hash, utcnow()),
+    )
+    return int(row[0]) if row else None
+
+
+def consume_reset_token(sql: SqlStore, id_hash: str, password_hash: str) -> int | None:
+    """Use a live reset token once and set the new password hash; the user id, or None."""
+    with sql.transaction() as tx:
+        # DELETE ... RETURNING claims the row: of two concurrent uses, one gets it.
+        row = tx.one(
+            "DELETE FROM password_resets WHERE token_hash = %s AND expires_at > %s"
+            " RETURNING user_id",
+            (id_hash, utcnow()),
+        )
+        if row is None:
+            return None
+        tx.run(
+            "UPDATE credentials SET secret = %s, updated_at = %s"
+            " WHERE user_id = %s AND type = 'password'",
+            (password_hash, utcnow(), row[0]),
+        )
+    return int(row[0])
+
+
 ###############################################################################
 # Key-value store
 ###############################################################################
@@ -1022,13 +1145,20 @@ class PasswordHasher:
 
     def verify(self, password_hash: str, password: str) -> bool:
         """True if the password matches the hash."""
+        outcome = self._run(self._check, password_hash, password)
+        if outcome is None:
+            log.warning("stored password hash could not be checked (corrupt or foreign format)")
+        return bool(outcome)
+
+    def _check(self, password_hash: str, password: str) -> bool | None:
+        # Runs in a worker thread: answer instead of raising, since gevent's pool prints
+        # a traceback for every exception that crosses it.
         try:
-            return bool(self._run(self._hasher.verify, password_hash, password))
+            return self._hasher.verify(password_hash, password)
         except argon2.exceptions.VerifyMismatchError:
             return False
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
-            log.warning("stored password hash could not be checked (corrupt or foreign format)")
-            return False
+            return None
 
     def spend_one_verification(self, password: str) -> None:
         """Do the work of one failed verification, so unknown accounts cost the same time."""
@@ -1177,6 +1307,208 @@ def _evict_cached_sessions(kv: KeyValueStore, hashes: list[str]) -> None:
 
 
 ###############################################################################
+# Mail
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Mail:
+    """One account mail; `secret` is text in it (a token) that must never be logged."""
+
+    kind: str
+    to: str
+    subject: str
+    text: str
+    secret: str = ""
+
+
+def welcome_mail(cfg: Config, to: str) -> Mail:
+    """The mail after registration."""
+    return Mail(
+        "welcome",
+        to,
+        f"Welcome to {cfg.site_name}",
+        f"Hello,\n\nyour {cfg.site_name} account for {to} is ready. You can sign in at"
+        f" {cfg.frontend_base_url}/ with this address and your password.\n\n"
+        f"If you did not create this account, ignore this mail.\n\n- {cfg.site_name}\n",
+    )
+
+
+def reset_mail(cfg: Config, to: str, token: str) -> Mail:
+    """The mail with a password reset link."""
+    minutes = max(1, cfg.pwreset_token_ttl // 60)
+    link = f"{cfg.frontend_base_url}/reset_password?token={token}"
+    return Mail(
+        "reset",
+        to,
+        f"Reset your {cfg.site_name} password",
+        f"Hello,\n\nsomeone asked to reset the password of your {cfg.site_name} account."
+        f" To choose a new password, open this link within {minutes} minutes:\n\n{link}\n\n"
+        f"The link works once. If you did not ask for it, ignore this mail: your password"
+        f" stays as it is.\n\n- {cfg.site_name}\n",
+        secret=token,
+    )
+
+
+def password_changed_mail(cfg: Config, to: str) -> Mail:
+    """The confirmation after a password change or reset."""
+    return Mail(
+        "password_changed",
+        to,
+        f"Your {cfg.site_name} password was changed",
+        f"Hello,\n\nthe password of your {cfg.site_name} account {to} was just changed.\n\n"
+        f"If that was not you, reset it at once from {cfg.frontend_base_url}/ and reply to"
+        f" this mail.\n\n- {cfg.site_name}\n",
+    )
+
+
+def build_message(cfg: Config, mail: Mail) -> email.message.EmailMessage:
+    """A UTF-8 message with Date and Message-ID, plain text plus an HTML alternative."""
+    message = email.message.EmailMessage()
+    message["From"] = email.utils.formataddr((cfg.mail_sender_name, cfg.mail_from))
+    message["To"] = mail.to
+    message["Subject"] = mail.subject
+    message["Date"] = email.utils.formatdate(usegmt=True)
+    message["Message-ID"] = email.utils.make_msgid(domain=cfg.mail_from.rpartition("@")[2])
+    message.set_content(mail.text)
+    paragraphs = "".join(
+        f"<p>{_linkify(html.escape(block)).replace(chr(10), '<br>')}</p>"
+        for block in mail.text.strip().split("\n\n")
+    )
+    message.add_alternative(
+        f'<!doctype html><html><body style="font-family:sans-serif">{paragraphs}</body></html>',
+        subtype="html",
+    )
+    return message
+
+
+def _linkify(escaped: str) -> str:
+    return re.sub(r"(https?://[^\s<]+)", r'<a href="\1">\1</a>', escaped)
+
+
+def mask_email(address: str) -> str:
+    """An address as logs may show it: first character and domain."""
+    local, _, domain = address.partition("@")
+    return f"{local[:1]}***@{domain}"
+
+
+class MailDeliveryError(Exception):
+    """A mail could not be delivered; `temporary` says whether trying again may help."""
+
+    def __init__(self, reason: str, temporary: bool) -> None:
+        super().__init__(reason)
+        self.temporary = temporary
+
+
+class Mailer:
+    """Sends account mail off the request path, with a small bounded retry.
+
+    Without SMTP_HOST it writes each message to the log instead (development), with any
+    token in it redacted: DEBUG_RETURN_RESET_TOKEN=1 hands the token to the developer.
+    """
+
+    RETRY_DELAYS = (1.0, 3.0, 10.0)
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self._slots = threading.BoundedSemaphore(4)
+        self._jobs: set[gevent.Greenlet] = set()
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn in the background; errors are logged; wait() lets it finish at shutdown."""
+        job = gevent.spawn(self._guarded, fn, *args)
+        self._jobs.add(job)
+        job.link(self._jobs.discard)
+
+    @staticmethod
+    def _guarded(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except StoreUnavailable as exc:
+            log.warning("background job %s: %s", fn.__name__, exc)
+        except Exception:
+            log.exception("background job %s failed", fn.__name__)
+
+    def send(self, mail: Mail) -> None:
+        """Queue a mail; the request goes on at once."""
+        self.spawn(self.deliver, mail)
+
+    def deliver(self, mail: Mail) -> bool:
+        """Deliver one mail now, retrying temporary failures; True once it was accepted."""
+        to = mask_email(mail.to)
+        if not self._cfg.smtp_host:
+            text = mail.text.replace(mail.secret, "[redacted]") if mail.secret else mail.text
+            log.info(
+                "mail %s to %s not sent, SMTP_HOST is unset; subject %r; text %r",
+                mail.kind,
+                to,
+                mail.subject,
+                text,
+            )
+            return False
+        message = build_message(self._cfg, mail)
+        attempts = self._cfg.mail_retries + 1
+        with self._slots:
+            for attempt in range(1, attempts + 1):
+                try:
+                    self._smtp_send(message)
+                except MailDeliveryError as exc:
+                    if exc.temporary and attempt < attempts:
+                        gevent.sleep(self.RETRY_DELAYS[min(attempt, len(self.RETRY_DELAYS)) - 1])
+                        continue
+                    log.error(
+                        "mail %s to %s failed after %d attempt(s): %s",
+                        mail.kind,
+                        to,
+                        attempt,
+                        _escape(str(exc)),
+                    )
+                    return False
+                log.info("mail %s to %s sent (attempt %d)", mail.kind, to, attempt)
+                return True
+        return False
+
+    def _smtp_send(self, message: email.message.EmailMessage) -> None:
+        cfg = self._cfg
+        context = ssl.create_default_context(cafile=cfg.smtp_ca_file or None)
+        try:
+            smtp: smtplib.SMTP
+            if cfg.smtp_port == 465:
+                smtp = smtplib.SMTP_SSL(
+                    cfg.smtp_host, cfg.smtp_port, timeout=cfg.smtp_timeout, context=context
+                )
+            else:
+                smtp = smtplib.SMTP(cfg.smtp_host, cfg.smtp_port, timeout=cfg.smtp_timeout)
+            with smtp:
+                if cfg.smtp_tls and cfg.smtp_port != 465:
+                    smtp.starttls(context=context)
+                if cfg.smtp_user:
+                    smtp.login(cfg.smtp_user, cfg.smtp_pass)
+                smtp.send_message(message)
+        except smtplib.SMTPResponseException as exc:
+            detail = exc.smtp_error.decode("utf-8", "replace") if exc.smtp_error else ""
+            raise MailDeliveryError(
+                f"server answered {exc.smtp_code} {detail}", 400 <= exc.smtp_code < 500
+            ) from exc
+        except smtplib.SMTPRecipientsRefused as exc:
+            codes = [code for code, _ in exc.recipients.values()]
+            raise MailDeliveryError(
+                f"recipient refused ({codes})", all(400 <= c < 500 for c in codes)
+            ) from exc
+        except ssl.SSLError as exc:
+            raise MailDeliveryError(f"TLS failed: {exc}", False) from exc
+        except smtplib.SMTPNotSupportedError as exc:
+            raise MailDeliveryError(f"server lacks a feature: {exc}", False) from exc
+        except (smtplib.SMTPException, OSError) as exc:
+            raise MailDeliveryError(f"{type(exc).__name__}: {exc}", True) from exc
+
+    def wait(self, timeout: float) -> None:
+        """Give queued mail up to `timeout` seconds to go out (at shutdown)."""
+        if self._jobs:
+            gevent.joinall(list(self._jobs), timeout=timeout)
+
+
+###############################################################################
 # App: request plumbing, error envelope, routes
 ###############################################################################
 
@@ -1187,8 +1519,6 @@ SECURITY_HEADERS = (
     ("Referrer-Policy", "strict-origin-when-cross-origin"),
 )
 _SECURITY_HEADER_NAMES = {name.lower() for name, _ in SECURITY_HEADERS}
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{8,64}")
-_CONTROL_CHARS = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 
 _DEFAULT_ERRORS = {
     400: ("bad_request", "Bad request"),
@@ -1197,11 +1527,6 @@ _DEFAULT_ERRORS = {
     413: ("body_too_large", "Request body too large"),
     500: ("internal_error", "Internal server error"),
 }
-
-
-def _escape(text: str) -> str:
-    """Text safe for one log line: control characters escaped."""
-    return text.translate(_CONTROL_CHARS)
 
 
 def _json_bytes(payload: Mapping[str, Any]) -> bytes:
@@ -1306,17 +1631,28 @@ def str_field(body: Mapping[str, Any], name: str) -> str | None:
 
 @dataclasses.dataclass
 class Services:
-    """What the routes work with: configuration, stores, hasher."""
+    """What the routes work with: configuration, stores, hasher, mailer."""
 
     cfg: Config
     sql: SqlStore
     kv: KeyValueStore
     hasher: PasswordHasher
+    mailer: Mailer
 
     def close(self) -> None:
         """Release the stores' connections."""
         self.kv.close()
         self.sql.close()
+
+
+def _request_id_from(incoming: str) -> str:
+    """The proxy's request id (nginx's $request_id) as a UUID, or a fresh UUID."""
+    if incoming and len(incoming) <= 64:
+        try:
+            return str(uuid.UUID(incoming))
+        except ValueError:
+            pass
+    return str(uuid.uuid4())
 
 
 class CloudChatApp:
@@ -1328,8 +1664,7 @@ class CloudChatApp:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         started = time.perf_counter()
-        incoming = environ.get("HTTP_X_REQUEST_ID", "")
-        rid = incoming if _REQUEST_ID_RE.fullmatch(incoming) else str(uuid.uuid4())
+        rid = _request_id_from(environ.get("HTTP_X_REQUEST_ID", ""))
         environ["cloudchat.request_id"] = rid
         path = environ.get("PATH_INFO", "")
         secure_headers = path.startswith("/auth/")
@@ -1395,12 +1730,14 @@ def create_app(
         sql=sql or open_sql_store(cfg),
         kv=kv or open_kv_store(cfg),
         hasher=PasswordHasher(cfg),
+        mailer=Mailer(cfg),
     )
     router = bottle.Bottle()
     router.uninstall("json")  # api_route serialises; one JSON shape everywhere
     router.default_error_handler = _bottle_error
     router.install(api_route)
     _add_account_routes(router, services)
+    _add_password_routes(router, services)
     _add_misc_routes(router, services)
     return CloudChatApp(services, router)
 
@@ -1417,55 +1754,85 @@ def _set_auth_cookie(cfg: Config, value: str, max_age: int) -> None:
     bottle.response.add_header("Set-Cookie", "; ".join(parts))
 
 
-def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
-    """POST /auth/register, /auth/login, /auth/logout; GET /auth/me, /auth/healthz."""
-    cfg = s.cfg
-    invalid_credentials = ApiError(401, "invalid_credentials", "Invalid credentials")
+def auth_token(cfg: Config) -> str | None:
+    """The session id the request's login cookie carries, if it is plausibly one."""
+    token = bottle.request.get_cookie(cfg.auth_cookie_name)
+    return token if token and len(token) <= 128 else None
 
-    def rate_limited(rule: RateLimit, action: str, key: str) -> None:
-        retry_after = over_rate_limit(s.kv, rule, action, key)
-        if retry_after is not None:
-            raise ApiError(
-                429,
-                "rate_limited",
-                "Too many attempts, try again later",
-                {"Retry-After": str(retry_after)},
-            )
 
-    def current_user() -> dict[str, Any] | None:
-        token = bottle.request.get_cookie(cfg.auth_cookie_name)
-        if not token or len(token) > 128:
-            return None
-        user_id = get_session_user_id(s.sql, s.kv, token)
-        if user_id is None:
-            return None
-        user = get_user_by_id(s.sql, user_id)
-        return user if user and user["is_active"] else None
+def current_user(s: Services) -> dict[str, Any] | None:
+    """The active user of the request's session, or None."""
+    token = auth_token(s.cfg)
+    user_id = get_session_user_id(s.sql, s.kv, token) if token else None
+    if user_id is None:
+        return None
+    user = get_user_by_id(s.sql, user_id)
+    return user if user and user["is_active"] else None
 
-    def login_required(callback: Callable[..., Any]) -> Callable[..., Any]:
+
+def login_required(s: Services) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Route decorator: 401 without a live session, else the user is the first argument."""
+
+    def decorator(callback: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(callback)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            user = current_user()
+            user = current_user(s)
             if user is None:
                 raise ApiError(401, "unauthorized", "Unauthorized")
             return callback(user, *args, **kwargs)
 
         return wrapper
 
+    return decorator
+
+
+def enforce_rate_limit(kv: KeyValueStore, rule: RateLimit, action: str, key: str) -> None:
+    """Count an attempt; 429 with Retry-After when over the limit."""
+    retry_after = over_rate_limit(kv, rule, action, key)
+    if retry_after is not None:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "Too many attempts, try again later",
+            {"Retry-After": str(retry_after)},
+        )
+
+
+def parse_identifier(identifier: str) -> tuple[str | None, str | None]:
+    """(email, phone) named by a login identifier; both None if it is neither."""
+    if "@" in identifier:
+        return normalize_email(identifier), None
+    return None, normalize_phone(identifier)
+
+
+def over_login_limits(s: Services, ip: str, identifier_key: str) -> bool:
+    """Count a password attempt against the login limits (per IP, per identifier)."""
+    over_ip = over_rate_limit(s.kv, s.cfg.rate_login_ip, "login_ip", ip)
+    over_id = over_rate_limit(s.kv, s.cfg.rate_login_identifier, "login_id", identifier_key)
+    return over_ip is not None or over_id is not None
+
+
+INVALID_CREDENTIALS = ("invalid_credentials", "Invalid credentials")
+
+
+def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
+    """POST /auth/register, /auth/login, /auth/logout; GET /auth/me, /auth/healthz."""
+    cfg = s.cfg
+
     @router.post("/auth/register")
     def register() -> dict[str, Any]:
         body = read_json_object(cfg.max_body_bytes)
         email = normalize_email(str_field(body, "email"))
         password = str_field(body, "password")
-        phone_raw = str_field(body, "phone")
-        phone = normalize_phone(phone_raw) if phone_raw and phone_raw.strip() else None
+        phone_raw = (str_field(body, "phone") or "").strip()
+        phone = normalize_phone(phone_raw) if phone_raw else None
         display_name = (str_field(body, "display_name") or "").strip() or None
         if email is None:
             raise ApiError(400, "invalid_email", "A valid email address is required")
         problem = password_problem(password or "")
         if problem:
             raise ApiError(400, "weak_password", problem)
-        if phone_raw and phone_raw.strip() and phone is None:
+        if phone_raw and phone is None:
             raise ApiError(400, "invalid_phone", "Phone must be digits with an optional leading +")
         if display_name and (
             len(display_name) > DISPLAY_NAME_MAX or not display_name.isprintable()
@@ -1473,12 +1840,9 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
             raise ApiError(
                 400, "invalid_input", f"Display name must be at most {DISPLAY_NAME_MAX} characters"
             )
-        rate_limited(
-            cfg.rate_register_ip,
-            "register_ip",
-            client_ip(bottle.request.environ, cfg.trusted_proxies),
-        )
-        rate_limited(cfg.rate_register_email, "register_email", email)
+        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
+        enforce_rate_limit(s.kv, cfg.rate_register_ip, "register_ip", ip)
+        enforce_rate_limit(s.kv, cfg.rate_register_email, "register_email", email)
         password_hash = s.hasher.hash(password)
         try:
             insert_user(s.sql, email, phone, display_name, password_hash)
@@ -1487,6 +1851,7 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
             if "phone" in exc.constraint:
                 raise ApiError(409, "phone_taken", "Phone number already registered") from None
             raise ApiError(409, "email_taken", "Email already registered") from None
+        s.mailer.send(welcome_mail(cfg, email))
         bottle.response.status = 201
         return {"ok": True}
 
@@ -1497,49 +1862,38 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
         password = str_field(body, "password") or ""
         if not identifier or not password:
             raise ApiError(400, "invalid_input", "Identifier and password are required")
-        email = normalize_email(identifier) if "@" in identifier else None
-        phone = None if "@" in identifier else normalize_phone(identifier)
+        email, phone = parse_identifier(identifier)
         ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
-        over_ip = over_rate_limit(s.kv, cfg.rate_login_ip, "login_ip", ip)
-        over_id = over_rate_limit(
-            s.kv, cfg.rate_login_identifier, "login_id", email or phone or identifier.lower()
-        )
-        if over_ip is not None or over_id is not None:
-            raise invalid_credentials
+        if over_login_limits(s, ip, email or phone or identifier.lower()):
+            raise ApiError(401, *INVALID_CREDENTIALS)
         found = get_password_login(s.sql, email, phone) if (email or phone) else None
         if found is None:
             s.hasher.spend_one_verification(password)
-            raise invalid_credentials
+            raise ApiError(401, *INVALID_CREDENTIALS)
         user, password_hash = found
         if not s.hasher.verify(password_hash, password) or not user["is_active"]:
-            raise invalid_credentials
+            raise ApiError(401, *INVALID_CREDENTIALS)
         if s.hasher.needs_rehash(password_hash):
             update_password_hash(s.sql, user["id"], s.hasher.hash(password))
-        previous = bottle.request.get_cookie(cfg.auth_cookie_name)
-        if previous and len(previous) <= 128:
+        previous = auth_token(cfg)
+        if previous:
             # Never keep a session id from before the login (fixation): end it.
             revoke_session(s.sql, s.kv, previous)
-        token = create_session(
-            s.sql,
-            s.kv,
-            cfg,
-            user["id"],
-            bottle.request.environ.get("HTTP_USER_AGENT", ""),
-            ip,
-        )
+        user_agent = bottle.request.environ.get("HTTP_USER_AGENT", "")
+        token = create_session(s.sql, s.kv, cfg, user["id"], user_agent, ip)
         _set_auth_cookie(cfg, token, cfg.session_ttl)
         return {"ok": True}
 
     @router.post("/auth/logout")
     def logout() -> dict[str, Any]:
-        token = bottle.request.get_cookie(cfg.auth_cookie_name)
-        if token and len(token) <= 128:
+        token = auth_token(cfg)
+        if token:
             revoke_session(s.sql, s.kv, token)
         _set_auth_cookie(cfg, "", 0)
         return {"ok": True}
 
     @router.get("/auth/me")
-    @login_required
+    @login_required(s)
     def me(user: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "user": user}
 
@@ -1574,6 +1928,95 @@ def check_health(s: Services, timeout: float) -> dict[str, bool]:
             job.kill(block=False)
         result[name] = bool(job.ready() and job.successful() and job.value)
     return result
+
+
+def issue_password_reset(s: Services, email: str | None, phone: str | None) -> str | None:
+    """Store a reset token for the account and mail its link; the token, or None."""
+    found = get_password_login(s.sql, email, phone)
+    if found is None or not found[0]["is_active"]:
+        log.info("password reset: no active account for the identifier, nothing sent")
+        return None
+    user = found[0]
+    token = new_token()
+    expires_at = utcnow() + dt.timedelta(seconds=s.cfg.pwreset_token_ttl)
+    replace_reset_token(s.sql, user["id"], token_hash(token), expires_at)
+    s.mailer.send(reset_mail(s.cfg, user["email"], token))
+    return token
+
+
+def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
+    """POST /auth/password/forgot, /auth/password/reset, /auth/password/change."""
+    cfg = s.cfg
+
+    @router.post("/auth/password/forgot")
+    def forgot() -> dict[str, Any]:
+        body = read_json_object(cfg.max_body_bytes)
+        identifier = (str_field(body, "identifier") or str_field(body, "email") or "").strip()
+        if not identifier:
+            raise ApiError(400, "invalid_input", "Identifier is required")
+        email, phone = parse_identifier(identifier)
+        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
+        over_ip = over_rate_limit(s.kv, cfg.rate_forgot_ip, "forgot_ip", ip)
+        key = email or phone or identifier.lower()
+        over_id = over_rate_limit(s.kv, cfg.rate_forgot_identifier, "forgot_id", key)
+        answer: dict[str, Any] = {"ok": True}
+        if over_ip is not None or over_id is not None:
+            log.info("password reset: over the rate limit, nothing sent")
+        elif (email or phone) and cfg.debug_return_reset_token:
+            token = issue_password_reset(s, email, phone)
+            if token:
+                answer.update(debug_token=token, debug_ttl=cfg.pwreset_token_ttl)
+        elif email or phone:
+            # Looked up after the answer is sent: its timing cannot tell whether the
+            # account exists.
+            s.mailer.spawn(issue_password_reset, s, email, phone)
+        return answer
+
+    @router.post("/auth/password/reset")
+    def reset() -> dict[str, Any]:
+        body = read_json_object(cfg.max_body_bytes)
+        token = (str_field(body, "token") or "").strip()
+        password = str_field(body, "password") or ""
+        if password_problem(password):
+            raise ApiError(400, "weak_password", "Invalid token or weak password")
+        invalid = ApiError(400, "invalid_token", "Token invalid or expired")
+        if not token or len(token) > 128:
+            raise invalid
+        id_hash = token_hash(token)
+        # A cheap look first, so a stale token costs no Argon2 hash; the claim is atomic below.
+        if get_reset_user_id(s.sql, id_hash) is None:
+            raise invalid
+        user_id = consume_reset_token(s.sql, id_hash, s.hasher.hash(password))
+        if user_id is None:
+            raise invalid
+        revoked = revoke_user_sessions(s.sql, s.kv, user_id) if cfg.pwreset_revoke_sessions else 0
+        user = get_user_by_id(s.sql, user_id)
+        if user:
+            s.mailer.send(password_changed_mail(cfg, user["email"]))
+        return {"ok": True, "revoked_sessions": revoked}
+
+    @router.post("/auth/password/change")
+    @login_required(s)
+    def change(user: dict[str, Any]) -> dict[str, Any]:
+        body = read_json_object(cfg.max_body_bytes)
+        current = str_field(body, "current_password") or ""
+        new = str_field(body, "new_password") or ""
+        if not current or not new:
+            raise ApiError(400, "invalid_input", "current_password and new_password are required")
+        problem = password_problem(new)
+        if problem:
+            raise ApiError(400, "weak_password", problem)
+        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
+        # A wrong current password is a password guess: it counts like a login attempt.
+        if over_login_limits(s, ip, user["email"]):
+            raise ApiError(401, *INVALID_CREDENTIALS)
+        found = get_password_login(s.sql, user["email"], None)
+        if found is None or not s.hasher.verify(found[1], current):
+            raise ApiError(401, *INVALID_CREDENTIALS)
+        update_password_hash(s.sql, user["id"], s.hasher.hash(new))
+        revoked = revoke_user_sessions(s.sql, s.kv, user["id"], keep_token=auth_token(cfg))
+        s.mailer.send(password_changed_mail(cfg, user["email"]))
+        return {"ok": True, "revoked_sessions": revoked}
 
 
 def _add_misc_routes(router: bottle.Bottle, s: Services) -> None:
@@ -1623,11 +2066,16 @@ def serve(cfg: Config) -> int:
         )
         return 2
     application = create_app(cfg)
-    if not cfg.database_url:
-        log.warning("embedded storage: SQLite file %s, in-process key-value store", cfg.db_path)
+    log.info(
+        "storage: %s, %s",
+        "PostgreSQL" if cfg.database_url else f"SQLite file {cfg.db_path}",
+        "Redis" if cfg.redis_url else "in-process key-value store (one process only)",
+    )
     server = NoDelayWSGIServer(
         (cfg.host, cfg.port),
         application,
+        # A pool of handlers is what lets stop() wait for the requests in flight.
+        spawn=gevent.pool.Pool(),
         log=None,
         error_log=gevent.pywsgi.LoggingLogAdapter(log, logging.ERROR),
     )
@@ -1642,6 +2090,7 @@ def serve(cfg: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop, signum)
     server.serve_forever()
+    application.services.mailer.wait(cfg.shutdown_grace)
     application.close()
     log.info("stopped")
     return 0

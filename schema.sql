@@ -49,3 +49,13 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_user_id_idx ON sessions (user_id);
 CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON sessions (expires_at);
+
+-- Password reset tokens: only the SHA-256 of the emailed token, one live token per user
+-- (issuing a new one deletes the old), deleted when used.
+CREATE TABLE IF NOT EXISTS password_resets (
+    token_hash   text PRIMARY KEY CHECK (length(token_hash) = 64),
+    user_id      bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS password_resets_user_id_idx ON password_resets (user_id);
