@@ -1,0 +1,1 @@
+"""CloudChat test suite."""

@@ -1,0 +1,118 @@
+"""What the database holds: inactive accounts, Argon2 re-hashing, uniqueness under races."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from tests.conftest import SETUPS, ServerFactory
+from tests.helpers import (
+    INVALID_CREDENTIALS,
+    UNAUTHORIZED,
+    Response,
+    Server,
+    random_email,
+    random_phone,
+    register_and_login,
+    strong_password,
+)
+
+Query = Callable[[Server, str, tuple[Any, ...]], list[tuple[Any, ...]]]
+
+
+@pytest.fixture
+def query(request: pytest.FixtureRequest) -> Query:
+    """Run one SQL statement (with %s placeholders) on a server's own database."""
+
+    def run(server: Server, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Execute and return the rows (empty for statements without any)."""
+        if "DATABASE_URL" in server.env:
+            conn = request.getfixturevalue("pg").connect(server.env["DATABASE_URL"])
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(sql, params)
+                    return cur.fetchall() if cur.description else []
+            finally:
+                conn.close()
+        conn = sqlite3.connect(server.env["CLOUDCHAT_DB_PATH"], timeout=10)
+        try:
+            with conn:
+                rows = conn.execute(sql.replace("%s", "?"), params).fetchall()
+            return rows
+        finally:
+            conn.close()
+
+    return run
+
+
+def _concurrently(count: int, action: Callable[[int], Response]) -> list[Response]:
+    """Run action(i) for i in range(count) in threads released at the same moment."""
+    barrier = threading.Barrier(count)
+
+    def one(index: int) -> Response:
+        """Wait for every thread, then act."""
+        barrier.wait(timeout=10)
+        return action(index)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [pool.submit(one, i) for i in range(count)]
+        return [future.result(timeout=30) for future in futures]
+
+
+def test_inactive_account_gets_the_uniform_401(server: Server, query: Query) -> None:
+    """A deactivated account cannot log in, and its live session stops working."""
+    client, email, password = register_and_login(server)
+    query(server, "UPDATE users SET is_active = false WHERE email = %s", (email,))
+    assert client.me().json() == UNAUTHORIZED
+    response = server.client().login(email, password)
+    assert response.status == 401
+    assert response.json() == INVALID_CREDENTIALS
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_old_argon2_parameters_are_rehashed_on_login(
+    make_server: ServerFactory, query: Query, setup: str
+) -> None:
+    """A hash made with older Argon2 parameters is replaced by a current one at login."""
+    old = make_server.start(setup)
+    email, password = random_email(), strong_password()
+    assert old.client().register(email, password).status == 201
+    sql = "SELECT c.secret FROM credentials c JOIN users u ON u.id = c.user_id WHERE u.email = %s"
+    (before,) = query(old, sql, (email,))[0]
+    assert "t=1" in before and password not in before
+    old.stop()
+    new = make_server.launch(setup, {**old.env, "ARGON2_TIME_COST": "2"}, old.workdir)
+    assert new.client().login(email, "wrong-" + password).status == 401
+    assert query(new, sql, (email,))[0][0] == before
+    assert new.client().login(email, password).status == 200
+    (after,) = query(new, sql, (email,))[0]
+    assert after != before and "t=2" in after
+    assert new.client().login(email, password).status == 200
+
+
+def test_concurrent_registrations_of_one_email(server: Server) -> None:
+    """Simultaneous registrations of one address: exactly one 201, the rest 409, no 5xx."""
+    email = random_email()
+    results = _concurrently(
+        6, lambda i: server.client().register(email.upper() if i % 2 else email, strong_password())
+    )
+    statuses = sorted(r.status for r in results)
+    assert statuses == [201, 409, 409, 409, 409, 409], results
+
+
+def test_concurrent_registrations_of_one_phone(server: Server) -> None:
+    """Simultaneous registrations of one phone: exactly one 201, the rest 409 phone_taken."""
+    digits, formatted = random_phone()
+    phones = [formatted, f"+{digits}"]
+    results = _concurrently(
+        6,
+        lambda i: server.client().register(random_email(), strong_password(), phone=phones[i % 2]),
+    )
+    statuses = sorted(r.status for r in results)
+    assert statuses == [201, 409, 409, 409, 409, 409], results
+    assert all(r.json()["code"] == "phone_taken" for r in results if r.status == 409)
