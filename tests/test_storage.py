@@ -116,3 +116,23 @@ def test_concurrent_registrations_of_one_phone(server: Server) -> None:
     statuses = sorted(r.status for r in results)
     assert statuses == [201, 409, 409, 409, 409, 409], results
     assert all(r.json()["code"] == "phone_taken" for r in results if r.status == 409)
+
+
+def test_pooled_connections_killed_by_postgres_are_replaced(
+    make_server: ServerFactory, query: Query
+) -> None:
+    """A restart or PgBouncer timeout closes idle connections: none is lent out dead."""
+    server = make_server.start("postgres", {"DB_POOL_SIZE": "3"})
+    client, _, _ = register_and_login(server)
+    assert client.me().status == 200
+    dbname = server.env["DATABASE_URL"].rsplit("/", 1)[1]
+    killed = query(
+        server,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = %s AND pid <> pg_backend_pid()",
+        (dbname,),
+    )
+    assert killed, "the server held no pooled connection to kill"
+    for _ in range(3):
+        assert client.me().status == 200
+        assert server.client().get("/auth/healthz").status == 200
