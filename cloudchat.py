@@ -39,7 +39,9 @@ import email.utils
 import functools
 import hashlib
 import html
+import http.client
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -104,6 +106,31 @@ class RateLimit:
 
 DEFAULT_TRUSTED_PROXIES = "127.0.0.1/32,::1/128"
 
+# Model providers behind OpenAI-compatible chat-completions APIs: name -> (environment
+# prefix, default base URL, default model). DeepSeek retired deepseek-chat and
+# deepseek-reasoner on 2026-07-24; deepseek-v4-flash thinks unless told not to.
+PROVIDER_DEFAULTS = {
+    "deepseek": ("DEEPSEEK", "https://api.deepseek.com", "deepseek-v4-flash"),
+    "openai": ("OPENAI", "https://api.openai.com/v1", "gpt-4o-mini"),
+    "dashscope": (
+        "DASHSCOPE",
+        "https://dashscope.aliyuncs.com/compatible-mode/v1",
+        "qwen-plus",
+    ),
+}
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderConfig:
+    """One model provider: where to send chat completions, with which key and model."""
+
+    name: str
+    base_url: str
+    model: str
+    api_key: str = dataclasses.field(default="", repr=False)
+
+
 # Argon2id for a 1 GB box: OWASP's first recommended setting (m = 19 MiB, t = 2, p = 1),
 # the memory-light end of RFC 9106's trade-off. Two hashes at once cost 38 MiB at the peak.
 ARGON2_DEFAULT_TIME_COST = 2
@@ -156,6 +183,19 @@ class Config:
     mail_from: str = "no-reply@localhost"
     mail_sender_name: str = "CloudChat"
     mail_retries: int = 2
+    chat_providers: tuple[ProviderConfig, ...] = ()
+    chat_thinking: bool = False
+    chat_connect_timeout: float = 5.0
+    chat_read_timeout: float = 60.0
+    chat_max_tokens: int = 1024
+    chat_temperature: float = 0.7
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_history: int = 6
+    chat_max_chars: int = 4000
+    chat_history_ttl: int = 3600
+    chat_require_auth: bool = False
+    rate_chat_visitor: RateLimit = RateLimit(20, 60)
+    rate_chat_ip: RateLimit = RateLimit(60, 60)
     debug_return_reset_token: bool = False
     health_timeout: float = 2.0
     shutdown_grace: float = 10.0
@@ -216,6 +256,19 @@ class Config:
             mail_from=read.text("MAIL_FROM", "no-reply@localhost"),
             mail_sender_name=read.text("MAIL_SENDER_NAME", read.text("SITE_NAME", "CloudChat")),
             mail_retries=read.integer("MAIL_RETRIES", 2, 0, 10),
+            chat_providers=_chat_providers_from_env(environ, read),
+            chat_thinking=read.flag("CHAT_THINKING", False),
+            chat_connect_timeout=read.number("CHAT_CONNECT_TIMEOUT", 5.0, 0.1, 120),
+            chat_read_timeout=read.number("CHAT_READ_TIMEOUT", 60.0, 0.1, 3600),
+            chat_max_tokens=read.integer("CHAT_MAX_TOKENS", 1024, 1, 1_000_000),
+            chat_temperature=read.number("CHAT_TEMPERATURE", 0.7, 0, 2),
+            system_prompt=environ.get("SYSTEM_PROMPT", "").strip() or DEFAULT_SYSTEM_PROMPT,
+            max_history=read.integer("MAX_HISTORY", 6, 0, 100),
+            chat_max_chars=read.integer("CHAT_MAX_CHARS", 4000, 1, 1_000_000),
+            chat_history_ttl=read.integer("CHAT_HISTORY_TTL", 3600, 60, 30 * 86400),
+            chat_require_auth=read.flag("CHAT_REQUIRE_AUTH", False),
+            rate_chat_visitor=read.rate("RATE_CHAT_VISITOR", RateLimit(20, 60)),
+            rate_chat_ip=read.rate("RATE_CHAT_IP", RateLimit(60, 60)),
             debug_return_reset_token=read.flag("DEBUG_RETURN_RESET_TOKEN", False),
             health_timeout=read.number("HEALTH_TIMEOUT", 2.0, 0.1, 60),
             shutdown_grace=read.number("SHUTDOWN_GRACE_SECONDS", 10.0, 0, 600),
@@ -249,6 +302,11 @@ def production_problems(cfg: Config) -> list[str]:
     if not cfg.redis_url:
         problems.append(
             "Redis is not configured, the in-process store serves one process only (set REDIS_URL)"
+        )
+    if not cfg.chat_providers:
+        problems.append(
+            "no model provider key, chat would answer with the offline echo provider (set"
+            " DEEPSEEK_API_KEY, OPENAI_API_KEY or DASHSCOPE_API_KEY)"
         )
     if not cfg.frontend_base_url.startswith("https://"):
         problems.append(
@@ -373,6 +431,33 @@ class _EnvReader:
         return tuple(networks)
 
 
+def _chat_providers_from_env(
+    environ: Mapping[str, str], read: "_EnvReader"
+) -> tuple[ProviderConfig, ...]:
+    """The providers to try, in order: CHAT_PROVIDER, then each of CHAT_FALLBACK."""
+    configured = {}
+    for name, (prefix, base_url, model) in PROVIDER_DEFAULTS.items():
+        configured[name] = ProviderConfig(
+            name=name,
+            base_url=read.url(f"{prefix}_BASE_URL", base_url),
+            model=read.text(f"{prefix}_MODEL", model),
+            api_key=environ.get(f"{prefix}_API_KEY", "").strip(),
+        )
+    with_keys = [name for name, provider in configured.items() if provider.api_key]
+    primary = read.choice("CHAT_PROVIDER", with_keys[0] if with_keys else "", tuple(configured))
+    fallback = [n.strip().lower() for n in environ.get("CHAT_FALLBACK", "").split(",") if n.strip()]
+    order: list[str] = []
+    for name in ([primary] if primary else []) + fallback:
+        if name not in configured:
+            raise ConfigError(f"CHAT_FALLBACK names {name!r}; use {', '.join(configured)}")
+        if not configured[name].api_key:
+            prefix = PROVIDER_DEFAULTS[name][0]
+            raise ConfigError(f"chat provider {name} is chosen but {prefix}_API_KEY is unset")
+        if name not in order:
+            order.append(name)
+    return tuple(configured[name] for name in order)
+
+
 def _redis_url_from_env(environ: Mapping[str, str]) -> str:
     """REDIS_URL, or one built from the REDIS_HOST/PORT/DB/PASSWORD variables; '' if neither."""
     url = environ.get("REDIS_URL", "").strip()
@@ -414,6 +499,11 @@ _CONTROL_CHARS = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 def _escape(text: str) -> str:
     """Text safe for one log line: control characters escaped."""
     return text.translate(_CONTROL_CHARS)
+
+
+def _json_bytes(payload: Any) -> bytes:
+    """Compact UTF-8 JSON, as every answer and stream line is written."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 class StoreUnavailable(Exception):
@@ -925,6 +1015,14 @@ class KeyValueStore:
         """Count one event in a fixed window that starts at the first; (count, seconds left)."""
         raise NotImplementedError
 
+    def read_list(self, key: str, ttl: int) -> list[str]:
+        """Every item of a list, oldest first; its expiry is pushed `ttl` seconds out."""
+        raise NotImplementedError
+
+    def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
+        """Append items in one step, keep only the newest `keep`, expire after `ttl` s."""
+        raise NotImplementedError
+
     def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
         raise NotImplementedError
@@ -987,6 +1085,26 @@ class RedisStore(KeyValueStore):
             _, count, ttl = pipe.execute()
         return int(count), max(1, int(ttl))
 
+    def read_list(self, key: str, ttl: int) -> list[str]:
+        full = self._prefix + key
+        with self._errors():
+            pipe = self._client.pipeline(transaction=True)
+            pipe.lrange(full, 0, -1)
+            pipe.expire(full, ttl)
+            items, _ = pipe.execute()
+        return list(items)
+
+    def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
+        full = self._prefix + key
+        with self._errors():
+            # One RPUSH of all items and the trim in one MULTI: concurrent appends
+            # interleave whole groups, never single items.
+            pipe = self._client.pipeline(transaction=True)
+            pipe.rpush(full, *items)
+            pipe.ltrim(full, -keep, -1)
+            pipe.expire(full, ttl)
+            pipe.execute()
+
     def ping(self) -> None:
         with self._errors():
             self._client.ping()
@@ -1043,6 +1161,23 @@ class MemoryStore(KeyValueStore):
             self._data[key] = (count, deadline)
             self._wrote(now)
         return count, max(1, math.ceil(deadline - now))
+
+    def read_list(self, key: str, ttl: int) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._live(key, now)
+            if entry is None:
+                return []
+            self._data[key] = (entry[0], now + ttl)
+            return list(entry[0])
+
+    def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._live(key, now)
+            kept = ([*entry[0], *items] if entry else list(items))[-keep:] if keep > 0 else []
+            self._data[key] = (kept, now + ttl)
+            self._wrote(now)
 
     def ping(self) -> None:
         return None
@@ -1510,6 +1645,301 @@ class Mailer:
 
 
 ###############################################################################
+# Chat
+###############################################################################
+
+# A stream longer than this without a line break is not SSE: give up instead of buffering.
+_SSE_MAX_LINE = 1024 * 1024
+_UPSTREAM_IDLE_PER_HOST = 4
+
+
+class ProviderError(Exception):
+    """A model provider failed; `kind` is auth, rate, server or network."""
+
+    def __init__(
+        self, provider: str, kind: str, detail: str, retry_after: str | None = None
+    ) -> None:
+        super().__init__(f"{provider}: {detail}")
+        self.provider = provider
+        self.kind = kind
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+def chat_request_body(cfg: Config, provider: ProviderConfig, messages: list[dict]) -> bytes:
+    """The JSON body of a streamed chat-completions request."""
+    body: dict[str, Any] = {
+        "model": provider.model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": cfg.chat_max_tokens,
+    }
+    if not cfg.chat_thinking:
+        # Thinking models ignore or reject temperature; send it only without thinking.
+        body["temperature"] = cfg.chat_temperature
+    if provider.name == "deepseek":
+        body["thinking"] = {"type": "enabled" if cfg.chat_thinking else "disabled"}
+    elif provider.name == "dashscope" and cfg.chat_thinking:
+        body["enable_thinking"] = True
+    return _json_bytes(body)
+
+
+class UpstreamPool:
+    """Keep-alive connections to the providers: a few idle ones per host, checked on reuse."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._tls = ssl.create_default_context()  # one CA store for every connection
+
+    def take(self, url: urllib.parse.SplitResult) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection to the URL's host and whether it was reused."""
+        key = _host_key(url)
+        idle = self._idle.get(key, [])
+        while idle:
+            conn = idle.pop()
+            if conn.sock is not None and not _socket_has_input(conn.sock.fileno()):
+                conn.sock.settimeout(self._read_timeout)
+                return conn, True
+            conn.close()  # the provider closed it while it idled
+        conn: http.client.HTTPConnection
+        if url.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                key[1], key[2], timeout=self._connect_timeout, context=self._tls
+            )
+        else:
+            conn = http.client.HTTPConnection(key[1], key[2], timeout=self._connect_timeout)
+        try:
+            conn.connect()
+        except OSError:
+            conn.close()
+            raise
+        assert conn.sock is not None
+        conn.sock.settimeout(self._read_timeout)  # from now on: the idle read timeout
+        return conn, False
+
+    def give_back(self, url: urllib.parse.SplitResult, conn: http.client.HTTPConnection) -> None:
+        """Keep a connection whose response was read to the end, or close it."""
+        idle = self._idle.setdefault(_host_key(url), [])
+        if len(idle) < _UPSTREAM_IDLE_PER_HOST:
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
+
+
+def _host_key(url: urllib.parse.SplitResult) -> tuple[str, str, int]:
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return url.scheme, url.hostname or "", port
+
+
+class ChatStream:
+    """One streamed completion: iterate (kind, value) events; abort() ends it from outside."""
+
+    def __init__(
+        self,
+        provider: str,
+        url: urllib.parse.SplitResult,
+        pool: UpstreamPool,
+        conn: http.client.HTTPConnection,
+        response: http.client.HTTPResponse,
+    ) -> None:
+        self.provider = provider
+        self.aborted = False
+        self._url = url
+        self._pool = pool
+        self._conn = conn
+        self._response = response
+        self._finished = False
+
+    def events(self) -> Iterator[tuple[str, Any]]:
+        """('text' | 'reasoning', str) and ('usage', dict) events until [DONE]."""
+        pending = b""
+        data_lines: list[bytes] = []
+        while True:
+            try:
+                chunk = self._response.read1(16384)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                raise ProviderError(self.provider, "network", f"stream broke: {exc}") from exc
+            if not chunk:
+                raise ProviderError(self.provider, "server", "stream ended before [DONE]")
+            pending += chunk
+            if b"\n" not in chunk and len(pending) > _SSE_MAX_LINE:
+                raise ProviderError(self.provider, "server", "stream line too long")
+            # Whole lines only: an event or a UTF-8 character split across reads waits
+            # here for its rest.
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw[:-1] if raw.endswith(b"\r") else raw
+                if line.startswith(b":"):
+                    continue  # comment, e.g. ": keep-alive"
+                if line:
+                    field, _, value = line.partition(b":")
+                    if field == b"data":
+                        data_lines.append(value[1:] if value.startswith(b" ") else value)
+                    continue
+                if not data_lines:
+                    continue
+                data = b"\n".join(data_lines)
+                data_lines = []
+                if data.strip() == b"[DONE]":
+                    self._finished = True
+                    return
+                yield from self._chunk_events(data)
+
+    def _chunk_events(self, data: bytes) -> Iterator[tuple[str, Any]]:
+        try:
+            chunk = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ProviderError(self.provider, "server", "invalid JSON in the stream") from None
+        if not isinstance(chunk, dict):
+            raise ProviderError(self.provider, "server", "stream chunk is not an object")
+        if chunk.get("error"):
+            raise ProviderError(self.provider, "server", f"error in stream: {chunk['error']}")
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            reasoning = delta.get("reasoning_content")
+            if isinstance(reasoning, str) and reasoning:
+                yield "reasoning", reasoning
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                yield "text", content
+        if isinstance(chunk.get("usage"), dict):
+            yield "usage", chunk["usage"]
+
+    def abort(self) -> None:
+        """Drop the provider connection now (the visitor left); events() then stops."""
+        self.aborted = True
+        sock = self._conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Return a cleanly finished connection to the pool; close any other."""
+        if self._finished and not self.aborted and not self._response.will_close:
+            try:
+                self._response.read()  # the terminating chunk, so the next reply starts clean
+                self._pool.give_back(self._url, self._conn)
+                return
+            except (OSError, http.client.HTTPException) as exc:
+                log.debug("provider connection not reusable: %s", exc)
+        self._conn.close()
+
+
+def open_chat_stream(
+    cfg: Config, provider: ProviderConfig, pool: UpstreamPool, messages: list[dict]
+) -> ChatStream:
+    """Send a chat request; a stream once the provider answered 200, else ProviderError."""
+    url = urllib.parse.urlsplit(provider.base_url + "/chat/completions")
+    body = chat_request_body(cfg, provider, messages)
+    headers = {
+        "Authorization": f"Bearer {provider.api_key}",
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream",
+        "User-Agent": f"cloudchat/{__version__}",
+    }
+    for attempt in (1, 2):
+        try:
+            conn, reused = pool.take(url)
+        except OSError as exc:
+            raise ProviderError(provider.name, "network", f"connect failed: {exc}") from exc
+        try:
+            conn.request("POST", url.path, body, headers)
+            response = conn.getresponse()
+            break
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if reused and attempt == 1:
+                continue  # a kept-alive connection the provider had closed: once more, fresh
+            raise ProviderError(provider.name, "network", f"no answer: {exc}") from exc
+    if response.status != 200:
+        try:
+            detail = response.read(2000).decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException):
+            detail = ""
+        conn.close()
+        kind = (
+            "auth"
+            if response.status in (401, 402, 403)
+            else "rate"
+            if response.status == 429
+            else "server"
+        )
+        raise ProviderError(
+            provider.name,
+            kind,
+            f"HTTP {response.status}: {_escape(detail.strip())[:300]}",
+            response.getheader("Retry-After"),
+        )
+    return ChatStream(provider.name, url, pool, conn, response)
+
+
+def echo_events(message: str) -> Iterator[tuple[str, Any]]:
+    """The offline echo provider's answer: the message back, a word at a time."""
+    words = f"Echo: {message}".split(" ")
+    for index, word in enumerate(words):
+        yield "text", word if index == len(words) - 1 else word + " "
+
+
+def _history_key(visitor: str) -> str:
+    return f"chat:{token_hash(visitor)[:32]}"
+
+
+def load_history(kv: KeyValueStore, cfg: Config, visitor: str) -> list[dict[str, str]]:
+    """The visitor's recent rounds as chat messages, oldest first; refreshes their expiry."""
+    if cfg.max_history == 0:
+        return []
+    messages = []
+    for item in kv.read_list(_history_key(visitor), cfg.chat_history_ttl):
+        try:
+            message = json.loads(item)
+        except ValueError:
+            continue
+        if isinstance(message, dict) and message.get("role") in ("user", "assistant"):
+            messages.append({"role": message["role"], "content": str(message.get("content"))})
+    return messages[-2 * cfg.max_history :]
+
+
+def save_round(kv: KeyValueStore, cfg: Config, visitor: str, question: str, answer: str) -> None:
+    """Append one finished round (question and answer together) to the visitor's history."""
+    if cfg.max_history == 0:
+        return
+    items = [
+        json.dumps({"role": "user", "content": question}, ensure_ascii=False),
+        json.dumps({"role": "assistant", "content": answer}, ensure_ascii=False),
+    ]
+    kv.append_list(_history_key(visitor), items, 2 * cfg.max_history, cfg.chat_history_ttl)
+
+
+def clear_history(kv: KeyValueStore, visitor: str) -> None:
+    """Forget the visitor's history."""
+    kv.delete(_history_key(visitor))
+
+
+def watch_for_hangup(client: socket.socket, stream: ChatStream) -> None:
+    """Abort the stream as soon as the visitor's connection closes."""
+    # While a response streams the client has nothing to say; readable means it hung up
+    # (or pipelined a request, which is left for the server to read).
+    try:
+        gevent.socket.wait_read(client.fileno())
+        if client.recv(1, socket.MSG_PEEK) != b"":
+            return
+    except OSError:
+        pass
+    stream.abort()
+
+
+###############################################################################
 # App: request plumbing, error envelope, routes
 ###############################################################################
 
@@ -1528,10 +1958,6 @@ _DEFAULT_ERRORS = {
     413: ("body_too_large", "Request body too large"),
     500: ("internal_error", "Internal server error"),
 }
-
-
-def _json_bytes(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def error_body(error: ApiError) -> bytes:
@@ -1632,16 +2058,18 @@ def str_field(body: Mapping[str, Any], name: str) -> str | None:
 
 @dataclasses.dataclass
 class Services:
-    """What the routes work with: configuration, stores, hasher, mailer."""
+    """What the routes work with: configuration, stores, hasher, mailer, provider pool."""
 
     cfg: Config
     sql: SqlStore
     kv: KeyValueStore
     hasher: PasswordHasher
     mailer: Mailer
+    upstream: UpstreamPool
 
     def close(self) -> None:
-        """Release the stores' connections."""
+        """Release the stores' and the providers' connections."""
+        self.upstream.close()
         self.kv.close()
         self.sql.close()
 
@@ -1732,6 +2160,7 @@ def create_app(
         kv=kv or open_kv_store(cfg),
         hasher=PasswordHasher(cfg),
         mailer=Mailer(cfg),
+        upstream=UpstreamPool(cfg.chat_connect_timeout, cfg.chat_read_timeout),
     )
     router = bottle.Bottle()
     router.uninstall("json")  # api_route serialises; one JSON shape everywhere
@@ -1739,15 +2168,23 @@ def create_app(
     router.install(api_route)
     _add_account_routes(router, services)
     _add_password_routes(router, services)
+    _add_chat_routes(router, services)
     _add_misc_routes(router, services)
     return CloudChatApp(services, router)
 
 
 def _set_auth_cookie(cfg: Config, value: str, max_age: int) -> None:
-    """Set (or, with max_age 0, expire) the login cookie with the contract's attributes."""
+    """Set (or, with max_age 0, expire) the login cookie."""
+    set_cookie(cfg, cfg.auth_cookie_name, value, max_age)
+
+
+def set_cookie(cfg: Config, name: str, value: str, max_age: int | None) -> None:
+    """Set a cookie with the contract's attributes; max_age None: until the browser closes."""
     # Written by hand: Bottle lower-cases SameSite, and the contract spells it "Lax".
-    parts = [f"{cfg.auth_cookie_name}={value}", "HttpOnly", f"Max-Age={max_age}", "Path=/"]
-    parts.append("SameSite=Lax")
+    parts = [f"{name}={value}", "HttpOnly"]
+    if max_age is not None:
+        parts.append(f"Max-Age={max_age}")
+    parts += ["Path=/", "SameSite=Lax"]
     if max_age == 0:
         parts.append("Expires=Thu, 01 Jan 1970 00:00:00 GMT")
     if cfg.cookie_secure:
@@ -2020,6 +2457,142 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
         return {"ok": True, "revoked_sessions": revoked}
 
 
+VISITOR_ID_RE = re.compile(r"[A-Za-z0-9_-]{22,64}")
+CHAT_FAILURES = {
+    "auth": (503, "chat_unavailable", "Chat is unavailable right now"),
+    "rate": (429, "provider_rate_limited", "The model provider is busy, try again shortly"),
+    "server": (502, "provider_error", "The model provider failed, try again"),
+    "network": (503, "provider_unreachable", "The model provider cannot be reached right now"),
+}
+
+
+def start_chat(
+    s: Services, messages: list[dict]
+) -> tuple[ChatStream | None, Iterator[tuple[str, Any]], list[tuple[str, Any]]]:
+    """Open a stream with the first provider that gets as far as a first token.
+
+    Returns the stream (None for the echo provider), its remaining events and the events
+    already read. Providers are tried in order until one delivers; then no other is tried.
+    """
+    if not s.cfg.chat_providers:
+        return None, echo_events(messages[-1]["content"]), []
+    failure: ProviderError | None = None
+    for provider in s.cfg.chat_providers:
+        stream = None
+        try:
+            stream = open_chat_stream(s.cfg, provider, s.upstream, messages)
+            events = stream.events()
+            first = []
+            for event in events:
+                first.append(event)
+                if event[0] != "usage":
+                    break
+            return stream, events, first
+        except ProviderError as exc:
+            log.warning("chat provider failed before the first token: %s", exc)
+            if stream is not None:
+                stream.close()
+            failure = exc
+    assert failure is not None
+    status, code, message = CHAT_FAILURES[failure.kind]
+    retry = failure.retry_after if failure.kind == "rate" else None
+    headers = {"Retry-After": retry} if retry and retry.isdigit() else {}
+    raise ApiError(status, code, message, headers)
+
+
+def relay_chat(
+    s: Services,
+    stream: ChatStream | None,
+    events: Iterator[tuple[str, Any]],
+    first: list[tuple[str, Any]],
+    visitor: str,
+    question: str,
+    client: socket.socket | None,
+) -> Iterator[bytes]:
+    """The visitor's NDJSON stream; the round joins the history once it is complete."""
+    watcher = gevent.spawn(watch_for_hangup, client, stream) if stream and client else None
+    reply: list[str] = []
+    usage = None
+    try:
+        for kind, value in itertools.chain(first, events):
+            if kind == "usage":
+                usage = value
+                continue
+            if kind == "text":
+                reply.append(value)
+            yield _json_bytes({kind: value}) + b"\n"
+        answer = "".join(reply)
+        if answer:
+            try:
+                save_round(s.kv, s.cfg, visitor, question, answer)
+            except StoreUnavailable as exc:
+                log.warning("chat round not saved: %s", exc)
+        yield _json_bytes({"done": True, "usage": usage} if usage else {"done": True}) + b"\n"
+    except ProviderError as exc:
+        if stream is not None and stream.aborted:
+            log.info("visitor left mid-answer: provider connection closed, reply dropped")
+            return
+        log.warning("chat failed mid-answer: %s", exc)
+        yield _json_bytes({"error": "The model provider failed mid-answer, please try again"})
+        yield b"\n"
+    finally:
+        if watcher is not None:
+            watcher.kill()
+        if stream is not None:
+            stream.close()
+
+
+def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
+    """POST /deepseek_chat, /reset_chat."""
+    cfg = s.cfg
+
+    def visitor_id(create: bool) -> str | None:
+        raw = bottle.request.get_cookie(cfg.app_session_cookie_name) or ""
+        if VISITOR_ID_RE.fullmatch(raw):
+            return raw
+        if not create:
+            return None
+        visitor = secrets.token_urlsafe(24)
+        set_cookie(cfg, cfg.app_session_cookie_name, visitor, None)
+        return visitor
+
+    @router.post("/deepseek_chat")
+    def chat() -> Any:
+        if cfg.chat_require_auth and current_user(s) is None:
+            raise ApiError(401, "unauthorized", "Unauthorized")
+        body = read_json_object(cfg.max_body_bytes)
+        message = str_field(body, "message")
+        if message is None or not message.strip():
+            raise ApiError(400, "empty_message", "Message must not be empty")
+        if len(message) > cfg.chat_max_chars:
+            raise ApiError(
+                400, "message_too_long", f"Message exceeds {cfg.chat_max_chars} characters"
+            )
+        visitor = visitor_id(create=True)
+        assert visitor is not None
+        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
+        enforce_rate_limit(s.kv, cfg.rate_chat_visitor, "chat_visitor", visitor)
+        enforce_rate_limit(s.kv, cfg.rate_chat_ip, "chat_ip", ip)
+        messages = [
+            {"role": "system", "content": cfg.system_prompt},
+            *load_history(s.kv, cfg, visitor),
+            {"role": "user", "content": message},
+        ]
+        stream, events, first = start_chat(s, messages)
+        bottle.response.content_type = "application/x-ndjson"
+        bottle.response.set_header("Cache-Control", "no-store")
+        bottle.response.set_header("X-Accel-Buffering", "no")  # nginx: pass lines on at once
+        client = bottle.request.environ.get("cloudchat.socket")
+        return relay_chat(s, stream, events, first, visitor, message, client)
+
+    @router.post("/reset_chat")
+    def reset_chat() -> dict[str, Any]:
+        visitor = visitor_id(create=False)
+        if visitor:
+            clear_history(s.kv, visitor)
+        return {"ok": True, "status": "Reset chat history successfully"}
+
+
 def _add_misc_routes(router: bottle.Bottle, s: Services) -> None:
     """GET /test."""
 
@@ -2047,8 +2620,19 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
 ###############################################################################
 
 
+class CloudChatHandler(gevent.pywsgi.WSGIHandler):
+    """pywsgi's handler, with the client socket in the environ to notice hang-ups."""
+
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        environ["cloudchat.socket"] = self.socket
+        return environ
+
+
 class NoDelayWSGIServer(gevent.pywsgi.WSGIServer):
     """gevent's WSGI server with Nagle's algorithm off on every accepted connection."""
+
+    handler_class = CloudChatHandler
 
     def handle(self, sock: socket.socket, address: Any) -> None:
         # pywsgi writes headers and body separately; with Nagle on, delayed ACKs stall
@@ -2085,6 +2669,10 @@ def serve(cfg: Config) -> int:
         "PostgreSQL" if cfg.database_url else f"SQLite file {cfg.db_path}",
         "Redis" if cfg.redis_url else "in-process key-value store (one process only)",
     )
+    if cfg.chat_providers:
+        log.info("chat providers: %s", ", ".join(p.name for p in cfg.chat_providers))
+    else:
+        log.warning("chat: no model provider key, the offline echo provider answers (development)")
     server = NoDelayWSGIServer(
         (cfg.host, cfg.port),
         application,

@@ -99,6 +99,7 @@ def _production_env(tmp_path: Path, **changes: str | None) -> dict[str, str]:
         DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/cc_guard_unused",
         REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
         CLOUDCHAT_DB_PATH=str(tmp_path / "unused.db"),
+        DEEPSEEK_API_KEY="sk-test-unused",
     )
     for key, value in changes.items():
         if value is None:
@@ -116,6 +117,11 @@ GUARD_CASES = {
     "no-redis": ({"REDIS_URL": None}, "REDIS"),
     "frontend-http": ({"FRONTEND_BASE_URL": "http://chat.example.com"}, "FRONTEND_BASE_URL"),
     "cheap-argon2": ({"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_KIB": "8"}, "ARGON2"),
+    "echo-chat-provider": ({"DEEPSEEK_API_KEY": None}, "API_KEY"),
+    "smtp-in-clear": (
+        {"SMTP_HOST": "smtp.example.com", "SMTP_PORT": "587", "SMTP_TLS": "0"},
+        "SMTP_TLS",
+    ),
 }
 
 
@@ -136,6 +142,12 @@ CONFIG_ERRORS = {
     "max-body-not-int": ({"MAX_BODY_BYTES": "lots"}, "MAX_BODY_BYTES"),
     "ttl-not-int": ({"SESSION_TTL_SECONDS": "1 week"}, "SESSION_TTL_SECONDS"),
     "argon2-not-int": ({"ARGON2_TIME_COST": "fast"}, "ARGON2_TIME_COST"),
+    "provider-without-key": ({"CHAT_PROVIDER": "openai"}, "OPENAI_API_KEY"),
+    "unknown-fallback": (
+        {"DEEPSEEK_API_KEY": "k", "CHAT_FALLBACK": "claude"},
+        "CHAT_FALLBACK",
+    ),
+    "base-url-not-http": ({"DEEPSEEK_BASE_URL": "ftp://x"}, "DEEPSEEK_BASE_URL"),
 }
 
 
@@ -156,6 +168,7 @@ def test_production_with_safe_settings_starts(make_server: ServerFactory) -> Non
         "CLOUDCHAT_ENV": "production",
         "COOKIE_SECURE": "1",
         "FRONTEND_BASE_URL": "https://chat.example.com",
+        "DEEPSEEK_API_KEY": "sk-test-unused",
         **dict.fromkeys(CHEAP_ARGON2),
     }
     srv = make_server.start("postgres", production)

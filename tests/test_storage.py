@@ -20,6 +20,7 @@ from tests.helpers import (
     random_phone,
     register_and_login,
     strong_password,
+    wait_until,
 )
 
 Query = Callable[[Server, str, tuple[Any, ...]], list[tuple[Any, ...]]]
@@ -133,6 +134,17 @@ def test_pooled_connections_killed_by_postgres_are_replaced(
         (dbname,),
     )
     assert killed, "the server held no pooled connection to kill"
+
+    def backends_gone() -> bool:
+        """pg_terminate_backend only signals: wait until the backends have exited."""
+        rows = query(
+            server,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        )
+        return rows[0][0] == 0
+
+    wait_until(backends_gone, 10, what="the terminated backends to exit")
     for _ in range(3):
         assert client.me().status == 200
         assert server.client().get("/auth/healthz").status == 200
