@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import re
+import resource
 import secrets
 import signal
 import smtplib
@@ -198,6 +199,9 @@ class Config:
     rate_chat_ip: RateLimit = RateLimit(60, 60)
     debug_return_reset_token: bool = False
     health_timeout: float = 2.0
+    client_timeout: float = 30.0
+    header_timeout: float = 10.0
+    max_connections: int = 0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
 
@@ -271,6 +275,9 @@ class Config:
             rate_chat_ip=read.rate("RATE_CHAT_IP", RateLimit(60, 60)),
             debug_return_reset_token=read.flag("DEBUG_RETURN_RESET_TOKEN", False),
             health_timeout=read.number("HEALTH_TIMEOUT", 2.0, 0.1, 60),
+            client_timeout=read.number("CLIENT_TIMEOUT", 30.0, 1, 3600),
+            header_timeout=read.number("HEADER_TIMEOUT", 10.0, 0.5, 600),
+            max_connections=read.integer("MAX_CONNECTIONS", 0, 0, 1_000_000),
             shutdown_grace=read.number("SHUTDOWN_GRACE_SECONDS", 10.0, 0, 600),
             log_level=read.choice(
                 "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
@@ -2620,26 +2627,100 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
 ###############################################################################
 
 
+class SlowRequestError(OSError, ValueError):
+    """A client took longer than HEADER_TIMEOUT to send its request line and headers."""
+
+
+_OVER_CAPACITY_BODY = _json_bytes(
+    {"ok": False, "error": "Server is at its connection limit, try again", "code": "over_capacity"}
+)
+_OVER_CAPACITY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n"
+    + f"Content-Length: {len(_OVER_CAPACITY_BODY)}\r\n\r\n".encode()
+    + _OVER_CAPACITY_BODY
+)
+
+
 class CloudChatHandler(gevent.pywsgi.WSGIHandler):
-    """pywsgi's handler, with the client socket in the environ to notice hang-ups."""
+    """pywsgi's handler with a deadline for request headers and the client socket in environ."""
+
+    _header_timer: gevent.Timeout | None = None
+
+    def handle_one_request(self) -> Any:
+        try:
+            return super().handle_one_request()
+        finally:
+            if self._header_timer is not None:
+                self._header_timer.close()
+                self._header_timer = None
+
+    def read_requestline(self) -> str:
+        # Waiting for the next request on a kept-alive connection is bounded by the socket
+        # timeout (CLIENT_TIMEOUT); once its first byte is here, the request line and the
+        # headers together get HEADER_TIMEOUT, so a client trickling bytes cannot hold a
+        # connection for long. OSError ends the connection quietly; ValueError answers 400.
+        self.rfile.peek(1)
+        server: NoDelayWSGIServer = self.server
+        self._header_timer = gevent.Timeout.start_new(
+            server.header_timeout,
+            SlowRequestError(f"request headers took longer than {server.header_timeout:g} s"),
+        )
+        return super().read_requestline()
 
     def get_environ(self) -> dict[str, Any]:
+        if self._header_timer is not None:
+            self._header_timer.close()
+            self._header_timer = None
         environ = super().get_environ()
-        environ["cloudchat.socket"] = self.socket
+        environ["cloudchat.socket"] = self.socket  # to notice a visitor hanging up
         return environ
 
 
 class NoDelayWSGIServer(gevent.pywsgi.WSGIServer):
-    """gevent's WSGI server with Nagle's algorithm off on every accepted connection."""
+    """gevent's WSGI server: Nagle off, client timeouts, and a quick 503 when full."""
 
     handler_class = CloudChatHandler
 
+    def __init__(self, cfg: Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.client_timeout = cfg.client_timeout
+        self.header_timeout = cfg.header_timeout
+        self.max_connections = cfg.max_connections or connections_the_fd_limit_allows()
+        self.connections = 0
+
     def handle(self, sock: socket.socket, address: Any) -> None:
-        # pywsgi writes headers and body separately; with Nagle on, delayed ACKs stall
-        # every keep-alive response by tens of milliseconds.
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().handle(sock, address)
+        if self.connections >= self.max_connections:
+            # Refuse in a few bytes instead of running out of file descriptors. Closing with
+            # the request unread would reset the connection before the client reads the
+            # answer, so half-close and let the client hang up first (a second at most).
+            with contextlib.suppress(OSError):
+                sock.sendall(_OVER_CAPACITY)
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(1)
+                while sock.recv(4096):
+                    pass
+            sock.close()
+            return
+        self.connections += 1
+        try:
+            # pywsgi writes headers and body separately; with Nagle on, delayed ACKs stall
+            # every keep-alive response by tens of milliseconds.
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.client_timeout)
+            super().handle(sock, address)
+        finally:
+            self.connections -= 1
+
+
+def connections_the_fd_limit_allows() -> int:
+    """Client connections that fit the open-file limit: each may hold a provider socket too."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    reserve = 64  # database and Redis pools, SQLite, logs, the listening socket
+    return max(8, (soft - reserve) // 2)
 
 
 def return_large_blocks_to_os() -> None:
@@ -2674,6 +2755,7 @@ def serve(cfg: Config) -> int:
     else:
         log.warning("chat: no model provider key, the offline echo provider answers (development)")
     server = NoDelayWSGIServer(
+        cfg,
         (cfg.host, cfg.port),
         application,
         # A pool of handlers is what lets stop() wait for the requests in flight.
@@ -2684,6 +2766,7 @@ def serve(cfg: Config) -> int:
     server.start()
     host, port = server.address[:2]
     log.info("cloudchat %s listening on http://%s:%d", __version__, host, port)
+    log.info("at most %d client connections at once", server.max_connections)
 
     def stop(signum: int) -> None:
         log.info("signal %d: no new connections, grace %g s", signum, cfg.shutdown_grace)
