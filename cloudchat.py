@@ -1773,8 +1773,11 @@ class ChatStream:
         while True:
             try:
                 chunk = self._response.read1(16384)
+            except TimeoutError as exc:
+                raise ProviderError(self.provider, "network", "stream went silent") from exc
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                raise ProviderError(self.provider, "network", f"stream broke: {exc}") from exc
+                # The provider answered and then broke off: its failure, not the network's.
+                raise ProviderError(self.provider, "server", f"stream broke: {exc!r}") from exc
             if not chunk:
                 raise ProviderError(self.provider, "server", "stream ended before [DONE]")
             pending += chunk
@@ -2494,6 +2497,8 @@ def start_chat(
                 first.append(event)
                 if event[0] != "usage":
                     break
+            else:
+                raise ProviderError(provider.name, "server", "the answer ended without any text")
             return stream, events, first
         except ProviderError as exc:
             log.warning("chat provider failed before the first token: %s", exc)
