@@ -2031,7 +2031,9 @@ def read_json_object(max_bytes: int) -> dict[str, Any]:
     try:
         length = int(length_header) if length_header else None
     except ValueError:
-        raise ApiError(400, "bad_request", "Invalid Content-Length") from None
+        length = -1
+    if length is not None and length < 0:
+        raise ApiError(400, "bad_request", "Invalid Content-Length")
     if length is not None and length > max_bytes:
         raise ApiError(413, "body_too_large", f"Request body exceeds {max_bytes} bytes")
     stream = environ["wsgi.input"]
@@ -2042,7 +2044,8 @@ def read_json_object(max_bytes: int) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: a few thousand nested brackets, well inside the size limit.
         raise ApiError(400, "invalid_json", "Request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "Request body must be a JSON object")

@@ -227,3 +227,25 @@ def _codes_for(status: int) -> tuple[str, ...]:
         413: ("body_too_large",),
         429: ("rate_limited",),
     }.get(status, ())
+
+
+@pytest.mark.parametrize("route", [*BODY_ROUTES, "/deepseek_chat", "/auth/password/forgot"])
+def test_deeply_nested_json_is_400(server: Server, route: str) -> None:
+    """Thousands of nested brackets (well under the size limit) are a 400, not a 500."""
+    raw = b'{"a":' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    response = server.client().post(route, body=raw, headers=JSON_HEADERS)
+    assert_error(response, 400, "invalid_json")
+
+
+def test_negative_content_length_is_4xx(server: Server) -> None:
+    """A negative Content-Length never reaches the body reader as a 'read everything'."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.putrequest("POST", "/auth/login")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "-1")
+        conn.endheaders()
+        response = conn.getresponse()
+        assert 400 <= response.status < 500, response.status
+    finally:
+        conn.close()
