@@ -2676,6 +2676,19 @@ class CloudChatHandler(gevent.pywsgi.WSGIHandler):
         )
         return super().read_requestline()
 
+    def MessageClass(self, *args: Any) -> Any:
+        # The headers, checked before pywsgi drops Content-Length in favour of chunked.
+        # ValueError makes pywsgi answer 400 and close, without printing a traceback.
+        try:
+            headers = super().MessageClass(*args)
+        except http.client.HTTPException as exc:  # e.g. more than 100 headers
+            raise ValueError(f"bad headers: {exc}") from None
+        lengths = set(headers.get_all("Content-Length") or ())
+        if len(lengths) > 1 or (lengths and headers.get("Transfer-Encoding")):
+            # Two ideas of where the body ends is how requests are smuggled past a proxy.
+            raise ValueError("conflicting Content-Length / Transfer-Encoding")
+        return headers
+
     def get_environ(self) -> dict[str, Any]:
         if self._header_timer is not None:
             self._header_timer.close()

@@ -77,3 +77,42 @@ def test_over_the_connection_limit_new_clients_get_503(make_server: ServerFactor
         10,
         what="service again once the held connections closed",
     )
+
+
+def _exchange(port: int, raw: bytes) -> bytes:
+    """Send raw bytes on a fresh connection; everything answered until the server closes."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(raw)
+        return _read_all(sock, 10)
+
+
+def test_conflicting_body_framing_is_refused(make_server: ServerFactory) -> None:
+    """CL + TE, or two different CLs, get a 400 and the connection closes: nothing smuggled."""
+    server = make_server.start("embedded")
+    smuggle = b"GET /test HTTP/1.1\r\nHost: x\r\n\r\n"
+    for framing in (
+        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"Content-Length: 2\r\nContent-Length: 35\r\n\r\n{}",
+    ):
+        answer = _exchange(
+            server.port,
+            b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + framing
+            + smuggle,
+        )
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        assert answer.count(b"HTTP/1.1") == 1, answer  # the smuggled GET got no answer
+    assert "GET /test" not in server.log_text()
+
+
+def test_too_many_headers_is_a_quiet_400(make_server: ServerFactory) -> None:
+    server = make_server.start("embedded")
+    headers = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
+    answer = _exchange(server.port, b"GET /test HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    oversized = _exchange(
+        server.port, b"GET /test HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    )
+    assert oversized.startswith(b"HTTP/1.1 400"), oversized
+    assert _status_of_test(server.port) == 200
+    assert "Traceback" not in server.log_text()
