@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from tests.helpers import (
     free_port,
     random_email,
     register_and_login,
+    run_cli,
     strong_password,
     wait_until,
 )
@@ -70,6 +74,73 @@ class PrivateRedis:
         self.proc = None
 
 
+class PrivatePostgres:
+    """A PostgreSQL cluster of this test's own (initdb + pg_ctl) on a free loopback port."""
+
+    def __init__(self) -> None:
+        """Create the cluster; it is not running yet."""
+        binaries = shutil.which("pg_ctl") and shutil.which("initdb")
+        if not binaries:
+            unavailable("initdb / pg_ctl are not installed")
+        self.port = free_port()
+        # initdb refuses to run as root: the cluster belongs to an unprivileged user.
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.dir = Path(tempfile.mkdtemp(prefix="cc-pg-"))
+        self.data = self.dir / "data"
+        if self.user:
+            shutil.chown(self.dir, self.user)
+        self._run(["initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync"])
+
+    def _run(self, args: list[str]) -> None:
+        prefix = ["runuser", "-u", self.user, "--"] if self.user else []
+        subprocess.run(prefix + args, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        """Start the cluster and wait until it accepts connections."""
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log_file = str(self.dir / "postgres.log")
+        self._run(
+            [
+                "pg_ctl",
+                "-D",
+                str(self.data),
+                "-l",
+                log_file,
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ]
+        )
+
+    def stop(self) -> None:
+        """Stop it at once, as a crash or the OOM killer would."""
+        self._run(["pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"])
+
+    def url(self) -> str:
+        """The connection URL of its postgres database."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def remove(self) -> None:
+        """Stop if running, delete the files."""
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL with CloudChat's schema, running; removed at the end."""
+    cluster = PrivatePostgres()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A private Redis, started; stopped at the end whatever happened."""
@@ -119,3 +190,39 @@ def test_redis_outage_and_return(make_server: ServerFactory, private_redis: Priv
     fresh = server.client()
     assert fresh.login(email, password).status == 200
     assert fresh.me().status == 200
+
+
+def run_initdb(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`python cloudchat.py initdb` against the given settings."""
+    from tests.helpers import base_env
+
+    return run_cli(["initdb"], {**base_env(), **env}, cwd)
+
+
+def test_postgres_outage_and_return(
+    make_server: ServerFactory, private_postgres: PrivatePostgres
+) -> None:
+    env = {**HIGH_LIMITS, "DATABASE_URL": private_postgres.url(), "DB_TIMEOUT": "2"}
+    assert run_initdb(env, private_postgres.dir).returncode == 0
+    server = make_server.start("embedded", env)
+    client, email, password = register_and_login(server)
+
+    private_postgres.stop()
+    for response in (
+        client.me(),
+        server.client().login(email, password),
+        server.client().register(lost := random_email(), strong_password()),
+    ):
+        assert_error(response, 503, "unavailable")
+        assert response.elapsed < 4, response
+    health = server.client().get("/auth/healthz")
+    assert health.status == 503 and health.json() == {"ok": False, "redis": True, "db": False}
+    assert health.elapsed < 4
+
+    private_postgres.start()
+    wait_until(
+        lambda: server.client().get("/auth/healthz").status == 200, 15, what="healthz recovers"
+    )
+    assert client.me().status == 200  # the session row outlived the outage
+    # The registration during the outage left nothing behind: the address is free.
+    assert server.client().register(lost, strong_password()).status == 201
