@@ -37,6 +37,7 @@ import datetime as dt
 import email.message
 import email.utils
 import functools
+import gc
 import hashlib
 import html
 import http.client
@@ -1869,9 +1870,12 @@ def open_chat_stream(
             break
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            if reused and attempt == 1:
-                continue  # a kept-alive connection the provider had closed: once more, fresh
-            raise ProviderError(provider.name, "network", f"no answer: {exc}") from exc
+            stale = isinstance(exc, (http.client.RemoteDisconnected, ConnectionError))
+            if reused and stale and attempt == 1:
+                # A kept-alive connection the provider had closed: once more, fresh. Not
+                # after a timeout: the provider has the request and is slow, not gone.
+                continue
+            raise ProviderError(provider.name, "network", f"no answer: {exc!r}") from exc
     if response.status != 200:
         try:
             detail = response.read(2000).decode("utf-8", "replace")
@@ -2744,6 +2748,30 @@ def connections_the_fd_limit_allows() -> int:
     return max(8, (soft - reserve) // 2)
 
 
+def process_stats(server: NoDelayWSGIServer) -> str:
+    """Counts an operator (or a soak test) wants to see stay flat: `kill -USR1 <pid>`."""
+    greenlets = sum(1 for obj in gc.get_objects() if isinstance(obj, gevent.Greenlet))
+    try:
+        descriptors = os.listdir("/proc/self/fd")
+    except OSError:
+        descriptors = []
+    return (
+        f"connections={server.connections} greenlets={greenlets} open_fds={len(descriptors)}"
+        f" rss_kib={_rss_kib()}"
+    )
+
+
+def _rss_kib() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
 def return_large_blocks_to_os() -> None:
     """Ask glibc to serve large allocations from mmap always, so freeing them shrinks RSS."""
     # glibc raises its mmap threshold after the first large block is freed; from then on
@@ -2795,6 +2823,7 @@ def serve(cfg: Config) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop, signum)
+    gevent.signal_handler(signal.SIGUSR1, lambda: log.info("stats %s", process_stats(server)))
     server.serve_forever()
     application.services.mailer.wait(cfg.shutdown_grace)
     application.close()

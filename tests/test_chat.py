@@ -874,3 +874,54 @@ def test_no_upstream_connection_is_leaked(make_server: ServerFactory) -> None:
         wait_until(lambda: own.open_connections() == 0, 3.0, what="connections to close")
     finally:
         own.stop()
+
+
+def _stats(server: Server) -> dict[str, int]:
+    """The server's `stats` log line after SIGUSR1, as numbers."""
+    import re
+    import signal
+
+    before = server.log_text().count(" stats ")
+    server.signal(signal.SIGUSR1)
+    wait_until(lambda: server.log_text().count(" stats ") > before, 5, what="the stats line")
+    line = [line for line in server.logs if " stats " in line][-1]
+    return {key: int(value) for key, value in re.findall(r"(\w+)=(-?\d+)", line)}
+
+
+def test_provider_faults_leave_no_greenlet_or_socket_behind(
+    make_server: ServerFactory, fake: FakeProvider
+) -> None:
+    server = make_server.start("embedded", chat_env(fake))
+    client = server.client()
+    say(server, client, "warm-up")  # the upstream pool now holds one idle connection
+    baseline = _stats(server)
+
+    for reply in (
+        Reply(mode="hang"),
+        Reply(mode="idle"),
+        Reply(status=500),
+        Reply(mode="reset", fail_after=2),
+        Reply(mode="invalid_json", fail_after=1),
+        Reply(mode="truncate", fail_after=1),
+        Reply(mode="stall", fail_after=1),
+    ):
+        fake.script(reply)
+        sent = len(fake.requests)
+        result = chat(server, client, "fault")
+        assert result.status != 200 or "error" in result.lines[-1], (reply.mode, result.lines)
+        # Sent once: a slow provider on a kept-alive connection is not asked twice.
+        assert len(fake.requests) == sent + 1, reply.mode
+    fake.script(Reply(deltas=["tok "] * 400, delay=0.05))
+    with ChatStream(server, client, "leaving") as stream:
+        assert stream.next_text() == "tok "
+    say(server, client, "after")
+
+    def settled() -> dict[str, int] | None:
+        """Stats once the counts are back at the baseline."""
+        now = _stats(server)
+        return now if now["greenlets"] <= baseline["greenlets"] else None
+
+    after = wait_until(settled, 10, what="greenlets back at the baseline")
+    assert after["connections"] <= 1, after  # only the stats poll itself, if anything
+    # Idle provider connections are kept (at most 4 per host); nothing else piles up.
+    assert after["open_fds"] <= baseline["open_fds"] + 3, (baseline, after)
