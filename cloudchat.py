@@ -311,6 +311,11 @@ def production_problems(cfg: Config) -> list[str]:
         problems.append(
             "Redis is not configured, the in-process store serves one process only (set REDIS_URL)"
         )
+    if cfg.host in ("0.0.0.0", "::", ""):
+        problems.append(
+            f"HOST={cfg.host or '(empty)'} listens on every interface (keep HOST=127.0.0.1"
+            " behind nginx, or name the one private address a remote proxy reaches)"
+        )
     if not cfg.chat_providers:
         problems.append(
             "no model provider key, chat would answer with the offline echo provider (set"
@@ -576,6 +581,7 @@ CREATE TABLE IF NOT EXISTS password_resets (
 CREATE INDEX IF NOT EXISTS password_resets_user_id_idx ON password_resets (user_id);
 """
 
+SCHEMA_LOCK_KEY = 0x636C6F7564  # "cloud": pg_advisory_xact_lock key of `initdb`
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
 
 # SQLite keeps times as text in this one sortable UTC format.
@@ -747,6 +753,9 @@ class PostgresStore(SqlStore):
 
     def apply_schema(self, script: str) -> None:
         with self.transaction() as tx:
+            # Two instances starting at once would race on CREATE ... IF NOT EXISTS (which
+            # is not atomic in the catalog); the lock lets one apply and the other find it.
+            tx.run("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
             tx.run(script)
 
     def close(self) -> None:
@@ -2817,15 +2826,20 @@ def serve(cfg: Config) -> int:
     log.info("cloudchat %s listening on http://%s:%d", __version__, host, port)
     log.info("at most %d client connections at once", server.max_connections)
 
+    stopping_since: list[float] = []
+
     def stop(signum: int) -> None:
         log.info("signal %d: no new connections, grace %g s", signum, cfg.shutdown_grace)
+        stopping_since.append(time.monotonic())
         gevent.spawn(server.stop, timeout=cfg.shutdown_grace)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop, signum)
     gevent.signal_handler(signal.SIGUSR1, lambda: log.info("stats %s", process_stats(server)))
     server.serve_forever()
-    application.services.mailer.wait(cfg.shutdown_grace)
+    # Queued mail shares the one grace period with the requests in flight.
+    spent = time.monotonic() - stopping_since[0] if stopping_since else 0.0
+    application.services.mailer.wait(max(0.5, cfg.shutdown_grace - spent))
     application.close()
     log.info("stopped")
     return 0

@@ -69,6 +69,31 @@ def test_initdb_twice_is_harmless_postgres(make_server: ServerFactory, pg: PgDat
     _assert_initdb_keeps_users(make_server.launch("postgres", env, workdir))
 
 
+def test_concurrent_initdb_on_an_empty_database(
+    make_server: ServerFactory, pg: PgDatabases
+) -> None:
+    """Instances starting together each run initdb: every one succeeds (advisory lock)."""
+    import subprocess
+
+    from tests.helpers import CLOUDCHAT, PYTHON
+
+    for _ in range(2):
+        env, workdir = make_server.env("postgres", {"DATABASE_URL": pg.create(from_template=False)})
+        procs = [
+            subprocess.Popen(
+                [PYTHON, str(CLOUDCHAT), "initdb"],
+                env=env,
+                cwd=str(workdir),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        outcomes = [(proc.wait(60), *proc.communicate()) for proc in procs]
+        assert all(code == 0 for code, _, _ in outcomes), outcomes
+
+
 def test_initdb_on_schema_sql_copy(make_server: ServerFactory) -> None:
     """initdb on a database made from schema.sql is a harmless no-op."""
     env, workdir = make_server.env("postgres")
@@ -118,6 +143,7 @@ GUARD_CASES = {
     "frontend-http": ({"FRONTEND_BASE_URL": "http://chat.example.com"}, "FRONTEND_BASE_URL"),
     "cheap-argon2": ({"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_KIB": "8"}, "ARGON2"),
     "echo-chat-provider": ({"DEEPSEEK_API_KEY": None}, "API_KEY"),
+    "public-bind": ({"HOST": "0.0.0.0"}, "HOST"),
     "smtp-in-clear": (
         {"SMTP_HOST": "smtp.example.com", "SMTP_PORT": "587", "SMTP_TLS": "0"},
         "SMTP_TLS",
