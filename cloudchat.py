@@ -202,6 +202,7 @@ class Config:
     health_timeout: float = 2.0
     client_timeout: float = 30.0
     header_timeout: float = 10.0
+    body_timeout: float = 20.0
     max_connections: int = 0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
@@ -278,6 +279,7 @@ class Config:
             health_timeout=read.number("HEALTH_TIMEOUT", 2.0, 0.1, 60),
             client_timeout=read.number("CLIENT_TIMEOUT", 30.0, 1, 3600),
             header_timeout=read.number("HEADER_TIMEOUT", 10.0, 0.5, 600),
+            body_timeout=read.number("BODY_TIMEOUT", 20.0, 0.5, 600),
             max_connections=read.integer("MAX_CONNECTIONS", 0, 0, 1_000_000),
             shutdown_grace=read.number("SHUTDOWN_GRACE_SECONDS", 10.0, 0, 600),
             log_level=read.choice(
@@ -2033,7 +2035,7 @@ def _bottle_error(error: bottle.HTTPError) -> bytes:
     return error_body(ApiError(error.status_code, code, message))
 
 
-def read_json_object(max_bytes: int) -> dict[str, Any]:
+def read_json_object(max_bytes: int, body_timeout: float = 20.0) -> dict[str, Any]:
     """The request body as a JSON object; {} when there is none; ApiError otherwise."""
     environ = bottle.request.environ
     content_type = environ.get("CONTENT_TYPE", "")
@@ -2048,9 +2050,17 @@ def read_json_object(max_bytes: int) -> dict[str, Any]:
     if length is not None and length < 0:
         raise ApiError(400, "bad_request", "Invalid Content-Length")
     if length is not None and length > max_bytes:
+        bottle.response.set_header("Connection", "close")  # and do not read it at all
         raise ApiError(413, "body_too_large", f"Request body exceeds {max_bytes} bytes")
     stream = environ["wsgi.input"]
-    raw = stream.read(length) if length is not None else stream.read(max_bytes + 1)
+    try:
+        # The whole body within one deadline: a client trickling it byte by byte would
+        # otherwise hold a handler as long as each byte beats the socket timeout.
+        with gevent.Timeout(body_timeout):
+            raw = stream.read(length) if length is not None else stream.read(max_bytes + 1)
+    except gevent.Timeout:
+        bottle.response.set_header("Connection", "close")
+        raise ApiError(408, "request_timeout", "The request body arrived too slowly") from None
     if len(raw) > max_bytes:
         raise ApiError(413, "body_too_large", f"Request body exceeds {max_bytes} bytes")
     if not raw.strip():
@@ -2285,7 +2295,7 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
 
     @router.post("/auth/register")
     def register() -> dict[str, Any]:
-        body = read_json_object(cfg.max_body_bytes)
+        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
         email = normalize_email(str_field(body, "email"))
         password = str_field(body, "password")
         phone_raw = (str_field(body, "phone") or "").strip()
@@ -2321,7 +2331,7 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
 
     @router.post("/auth/login")
     def login() -> dict[str, Any]:
-        body = read_json_object(cfg.max_body_bytes)
+        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
         identifier = (str_field(body, "identifier") or "").strip()
         password = str_field(body, "password") or ""
         if not identifier or not password:
@@ -2414,7 +2424,7 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
 
     @router.post("/auth/password/forgot")
     def forgot() -> dict[str, Any]:
-        body = read_json_object(cfg.max_body_bytes)
+        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
         identifier = (str_field(body, "identifier") or str_field(body, "email") or "").strip()
         if not identifier:
             raise ApiError(400, "invalid_input", "Identifier is required")
@@ -2438,7 +2448,7 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
 
     @router.post("/auth/password/reset")
     def reset() -> dict[str, Any]:
-        body = read_json_object(cfg.max_body_bytes)
+        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
         token = (str_field(body, "token") or "").strip()
         password = str_field(body, "password") or ""
         if password_problem(password):
@@ -2462,7 +2472,7 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
     @router.post("/auth/password/change")
     @login_required(s)
     def change(user: dict[str, Any]) -> dict[str, Any]:
-        body = read_json_object(cfg.max_body_bytes)
+        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
         current = str_field(body, "current_password") or ""
         new = str_field(body, "new_password") or ""
         if not current or not new:
@@ -2588,7 +2598,7 @@ def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
     def chat() -> Any:
         if cfg.chat_require_auth and current_user(s) is None:
             raise ApiError(401, "unauthorized", "Unauthorized")
-        body = read_json_object(cfg.max_body_bytes)
+        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
         message = str_field(body, "message")
         if message is None or not message.strip():
             raise ApiError(400, "empty_message", "Message must not be empty")
@@ -2663,6 +2673,13 @@ _OVER_CAPACITY = (
 )
 
 
+class _UnreadBody:
+    """Stands in for a request body that pywsgi must not drain."""
+
+    def _discard(self) -> None:
+        return None
+
+
 class CloudChatHandler(gevent.pywsgi.WSGIHandler):
     """pywsgi's handler with a deadline for request headers and the client socket in environ."""
 
@@ -2709,6 +2726,16 @@ class CloudChatHandler(gevent.pywsgi.WSGIHandler):
         environ = super().get_environ()
         environ["cloudchat.socket"] = self.socket  # to notice a visitor hanging up
         return environ
+
+    def run_application(self) -> None:
+        try:
+            super().run_application()
+        finally:
+            if self.close_connection:
+                # pywsgi then drains any body the app left unread, even though the
+                # connection is about to close: a client trickling (or declaring a huge)
+                # body would hold the handler regardless. Nothing to drain when closing.
+                self.wsgi_input = _UnreadBody()
 
 
 class NoDelayWSGIServer(gevent.pywsgi.WSGIServer):

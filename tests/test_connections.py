@@ -116,3 +116,31 @@ def test_too_many_headers_is_a_quiet_400(make_server: ServerFactory) -> None:
     assert oversized.startswith(b"HTTP/1.1 400"), oversized
     assert _status_of_test(server.port) == 200
     assert "Traceback" not in server.log_text()
+
+
+def test_trickled_body_gets_408_and_the_connection_closes(make_server: ServerFactory) -> None:
+    server = make_server.start("embedded", {"BODY_TIMEOUT": "1", "CLIENT_TIMEOUT": "30"})
+    with socket.create_connection(("127.0.0.1", server.port)) as slow:
+        slow.sendall(
+            b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        started = time.monotonic()
+        answer = _read_all(slow, 10)  # returns once the server closes
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b'"code":"request_timeout"' in answer
+    assert waited < 5, waited
+
+
+def test_declared_huge_body_is_refused_without_draining(make_server: ServerFactory) -> None:
+    server = make_server.start("embedded")
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(
+            b"POST /auth/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000\r\n\r\n{"
+        )
+        started = time.monotonic()
+        answer = _read_all(client, 10)
+        assert time.monotonic() - started < 5
+    assert answer.startswith(b"HTTP/1.1 413"), answer
