@@ -28,6 +28,7 @@ from tests.helpers import (
     register_and_login,
     wait_until,
 )
+from tests.hostile_net import server_stats
 
 CHAT = "/deepseek_chat"
 RESET = "/reset_chat"
@@ -876,25 +877,13 @@ def test_no_upstream_connection_is_leaked(make_server: ServerFactory) -> None:
         own.stop()
 
 
-def _stats(server: Server) -> dict[str, int]:
-    """The server's `stats` log line after SIGUSR1, as numbers."""
-    import re
-    import signal
-
-    before = server.log_text().count(" stats ")
-    server.signal(signal.SIGUSR1)
-    wait_until(lambda: server.log_text().count(" stats ") > before, 5, what="the stats line")
-    line = [line for line in server.logs if " stats " in line][-1]
-    return {key: int(value) for key, value in re.findall(r"(\w+)=(-?\d+)", line)}
-
-
 def test_provider_faults_leave_no_greenlet_or_socket_behind(
     make_server: ServerFactory, fake: FakeProvider
 ) -> None:
     server = make_server.start("embedded", chat_env(fake))
     client = server.client()
     say(server, client, "warm-up")  # the upstream pool now holds one idle connection
-    baseline = _stats(server)
+    baseline = server_stats(server)
 
     for reply in (
         Reply(mode="hang"),
@@ -918,7 +907,7 @@ def test_provider_faults_leave_no_greenlet_or_socket_behind(
 
     def settled() -> dict[str, int] | None:
         """Stats once the counts are back at the baseline."""
-        now = _stats(server)
+        now = server_stats(server)
         return now if now["greenlets"] <= baseline["greenlets"] else None
 
     after = wait_until(settled, 10, what="greenlets back at the baseline")

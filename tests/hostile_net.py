@@ -1,0 +1,144 @@
+"""Network helpers for the hostile tests: the server's own stats, rude peers, trickling clients."""
+
+from __future__ import annotations
+
+import re
+import select
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tests.helpers import Server, wait_until
+
+STATS_RE = re.compile(r"(\w+)=(-?\d+)")
+
+
+def server_stats(server: Server) -> dict[str, int]:
+    """Send SIGUSR1 and return the numbers of the `stats ...` line the server logs."""
+    before = server.log_text().count(" stats ")
+    server.signal(signal.SIGUSR1)
+    wait_until(lambda: server.log_text().count(" stats ") > before, 15, what="the stats line")
+    line = [line for line in server.logs if " stats " in line][-1]
+    return {key: int(value) for key, value in STATS_RE.findall(line.split(" stats ", 1)[1])}
+
+
+class ClosingTcpServer:
+    """A loopback TCP server that accepts each connection and closes it at once, unanswered."""
+
+    def __init__(self) -> None:
+        """Listen on an ephemeral loopback port and accept in a background thread."""
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        """Accept and drop connections until closed."""
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        """Stop accepting."""
+        self._closing.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@dataclass
+class Trickler:
+    """One connection that sends its bytes one at a time and notes when the server hangs up."""
+
+    sock: socket.socket
+    data: bytes
+    opened_at: float
+    sent: int = 0
+    answer: bytes = b""
+    closed_at: float | None = None  # when the server closed the connection (EOF or reset)
+
+
+@dataclass
+class TrickleAttack:
+    """Many slow clients driven by one thread: a byte per client every `interval` seconds."""
+
+    port: int
+    interval: float = 0.1
+    clients: list[Trickler] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def open(self, count: int, prefix: bytes, trickle: bytes) -> list[Trickler]:
+        """Open `count` connections that send `prefix` at once and then `trickle` bytewise."""
+        opened = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if prefix:
+                sock.sendall(prefix)
+            sock.setblocking(False)
+            opened.append(Trickler(sock, trickle, time.monotonic()))
+        self.clients.extend(opened)
+        return opened
+
+    def start(self) -> None:
+        """Start the thread that trickles and watches every client."""
+        self._thread = threading.Thread(target=self._run, name="trickler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            live = [c for c in self.clients if c.closed_at is None]
+            if live:
+                readable, _, _ = select.select([c.sock for c in live], [], [], 0)
+                for client in live:
+                    if client.sock in readable:
+                        self._read(client)
+                    if client.closed_at is None and client.sent < len(client.data):
+                        try:
+                            client.sent += client.sock.send(
+                                client.data[client.sent : client.sent + 1]
+                            )
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            client.closed_at = time.monotonic()
+            self._stop.wait(self.interval)
+
+    @staticmethod
+    def _read(client: Trickler) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            client.closed_at = time.monotonic()
+            return
+        if data:
+            client.answer += data
+        else:
+            client.closed_at = time.monotonic()
+
+    def all_closed(self, group: list[Trickler]) -> bool:
+        """True once the server closed every connection of the group."""
+        return all(client.closed_at is not None for client in group)
+
+    def stop(self) -> None:
+        """Stop the thread and close every connection."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        for client in self.clients:
+            client.sock.close()
