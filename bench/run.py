@@ -429,17 +429,7 @@ class PostgresStorage:
             "REDIS_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.redis_db}",
             "REDIS_KEY_PREFIX": self.prefix,
         }
-        env = server_env(storage, 1)
-        done = subprocess.run(
-            [sys.executable, str(self.server_path), "initdb"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
+        run_initdb(self.server_path, storage)
         return storage
 
     def cleanup_run(self) -> None:
@@ -460,6 +450,20 @@ class PostgresStorage:
             if self._redis.get(REDIS_MARKER) in (self.tag, self.tag.encode()):
                 self._redis.delete(REDIS_MARKER)
             self._redis.close()
+
+
+def run_initdb(server_path: Path, storage: dict[str, str]) -> None:
+    """`python <server> initdb` against the given storage variables, or fail loudly."""
+    done = subprocess.run(
+        [sys.executable, str(server_path), "initdb"],
+        env=server_env(storage, 1),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
 
 
 ###############################################################################
@@ -1033,16 +1037,20 @@ class Run:
         log = server.log_text()
         self.figures[f"{prefix}_tracebacks"] = log.count("Traceback (most recent call last)")
         self.figures[f"{prefix}_error_lines"] = len(re.findall(r" (?:ERROR|CRITICAL) ", log))
-        # The kinds of complaint, ids and numbers blanked out so that like lines add up.
-        kinds = Counter(
-            re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}|\d+(\.\d+)?", "#", match)
-            for match in re.findall(r" (?:WARNING|ERROR|CRITICAL) (.*)", log)
-        )
-        self.details[f"{prefix}_complaints"] = dict(kinds.most_common(10))
+        self.details[f"{prefix}_complaints"] = dict(complaint_kinds(log).most_common(10))
         if self.args.keep_logs:
             self.args.keep_logs.mkdir(parents=True, exist_ok=True)
             target = self.args.keep_logs / f"{self.storage.name}-run{self.number}-{prefix}.log"
             shutil.copyfile(server.log_path, target)
+
+
+def complaint_kinds(log: str) -> Counter[str]:
+    """The server log's WARNING/ERROR/CRITICAL lines by kind: ids and numbers blanked out
+    so that like lines add up."""
+    return Counter(
+        re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}|\d+(\.\d+)?", "#", match)
+        for match in re.findall(r" (?:WARNING|ERROR|CRITICAL) (.*)", log)
+    )
 
 
 def _worst(waves: list[dict[str, Any]], key: str) -> Any:

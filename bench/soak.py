@@ -1,0 +1,1782 @@
+"""CloudChat soak test: mixed traffic for N minutes with a fault injected every minute.
+
+    .venv/bin/python bench/soak.py [--minutes 10] [--setup postgres|embedded] [--json out.json]
+                                   [--workers 12] [--faults NAME,...] [--fault-seconds 12]
+                                   [--seed 1] [--env NAME=VALUE] [--keep-logs DIR]
+
+Not part of CI: ten minutes by default (`--minutes 1` for a quick check). It starts, all on
+loopback and all of its own:
+
+  setup postgres (default)  a redis-server on a free port (no persistence: a restart comes
+                            back empty) and a PostgreSQL cluster (initdb into a temporary
+                            folder, run as the `postgres` user when started as root, fsync
+                            off), so that faults are real and the machine's shared services
+                            are never touched; `cloudchat.py initdb` against it
+  setup embedded            a temporary SQLite file and the in-process store (only the
+                            faults that need neither Redis nor PostgreSQL)
+  bench/provider.py         the fake model provider (50 tokens 20 ms apart), whose
+                            `POST /control` mode the provider faults switch
+  the server                `python cloudchat.py` (a snapshot of it), PORT=0, LOG_LEVEL=INFO,
+                            production Argon2 parameters, rate limits raised out of the way,
+                            DEBUG_RETURN_RESET_TOKEN=1, its log drained to a file
+
+Traffic: --workers threads, each with an account of its own (registered first), its own
+keep-alive connection and its own chat visitor, one request after another, the action
+picked at random with fixed weights (seeded): GET /auth/me, GET /auth/healthz, a login
+(the old session is sent along and must end), a chat stream read to its last line, a chat
+stream the client hangs up after its first line, POST /reset_chat, a password reset
+(forgot with the debug token, reset to a new password, which ends the session), and
+GET /auth/me with a session ended earlier (must answer 401, before and after faults).
+Every request has a 5 s client timeout (no byte for 5 s: `timeout`). A separate probe asks
+GET /auth/healthz every 0.5 s to time when a fault shows and when it is over.
+
+Faults, one a minute in rotation (--faults), injected 15 s into the minute and healed
+--fault-seconds (12) later:
+
+    redis-stop      SIGTERM the private Redis; start it again (empty)
+    postgres-stop   `pg_ctl stop -m immediate` (a crash); `pg_ctl start` (crash recovery)
+    provider-hang   the provider takes requests and never answers; when healed it closes them
+    slow-headers    200 connections send their request headers a byte a second
+    redis-hang      SIGSTOP the private Redis (a hang, not a refusal); SIGCONT
+    provider-reset  the provider resets the connection after 5 tokens
+    provider-500    the provider answers 500
+    provider-slow   the first token after 2 s, then tokens 100 ms apart (7 s a reply)
+    none            no fault this minute
+
+Errors count as "in the fault window" when the request started between 5 s before the
+injection and 10 s after the healing; any other error, any 500, any traceback in the
+server log, a session that outlived its end, a server that stops answering SIGUSR1 and
+growth past the thresholds are flagged.
+
+Every minute ends with a quiet point, 57 s in: the workers finish their request in flight
+and close their connections, then the server gets SIGUSR1 and logs `stats connections=N
+greenlets=N open_fds=N rss_kib=N`; that line, the settled VmRSS and the provider's open
+upstream connections are the minute's figures (the same line is also taken under each
+fault, halfway through it). Per minute it prints requests by endpoint and outcome, errors by
+kind, p50/p99 per endpoint and those figures; at the end a table, the growth verdict
+(minutes 2-3 against the last two, shorter runs compare what they have; and the slope of
+the RSS over the second half, which tells a step from a climb), the server log's 500s,
+tracebacks and warnings by kind; everything goes to a JSON file (default
+bench/results/soak-<setup>-<time>.json).
+
+Loopback only. Every loop is bounded in count and time; every process started here is
+stopped by its PID (PostgreSQL by `pg_ctl`, which signals the postmaster's PID); the
+temporary folders, the cluster and the Redis data go at the end, even after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import run as harness  # bench/ is sys.path[0] when this file runs as a script
+
+ROOT = harness.ROOT
+BENCH = harness.BENCH
+
+MINUTE = 60.0
+FAULT_AT = 15.0  # seconds into the minute
+QUIET_AT = 57.0  # seconds into the minute: workers pause, the figures are taken
+CLIENT_TIMEOUT = 5.0  # no byte for this long: the request counts as a timeout
+GRACE = 10.0  # errors up to this long after the healing still belong to the fault
+MONITOR_EVERY = 0.5
+SLOW_CLIENTS = 200
+RSS_LIMIT_MB = 3.0
+RSS_SLOPE_LIMIT = 0.25  # MB per minute over the second half of the run: a steady climb
+GREENLET_TOLERANCE = 5
+FD_TOLERANCE = 8
+UPSTREAM_IDLE = 4  # the server keeps this many idle provider connections for reuse
+MAX_ACTIONS_PER_SECOND = 200  # per worker: the hard cap on any worker's loop
+
+STORAGE_FAULTS = ("redis-stop", "postgres-stop", "redis-hang")
+FAULTS = (
+    "redis-stop",
+    "postgres-stop",
+    "provider-hang",
+    "slow-headers",
+    "redis-hang",
+    "provider-reset",
+    "provider-500",
+    "provider-slow",
+    "none",
+)
+PROVIDER_MODES = {
+    "provider-hang": "hang",
+    "provider-reset": "reset",
+    "provider-500": "error500",
+    "provider-slow": "slow",
+}
+ROTATION = {
+    "postgres": FAULTS[:8],
+    "embedded": tuple(f for f in FAULTS[:8] if f not in STORAGE_FAULTS),
+}
+WEIGHTS = {
+    "me": 34,
+    "healthz": 8,
+    "login": 8,
+    "chat": 24,
+    "chat_abort": 4,
+    "reset_chat": 6,
+    "password": 4,
+    "me_revoked": 4,
+}
+ENDPOINTS = (
+    "healthz",
+    "me",
+    "me_revoked",
+    "login",
+    "chat",
+    "chat_abort",
+    "reset_chat",
+    "forgot",
+    "reset",
+)
+STATS_RE = re.compile(r"stats connections=(\d+) greenlets=(\d+) open_fds=(\d+) rss_kib=(\d+)\n")
+REQUEST_LINE_RE = re.compile(r" cloudchat: ([A-Z]+) (\S+) (\d{3}) [\d.]+ms rid=")
+
+
+def say(text: str) -> None:
+    """Progress on stderr (the minute reports and the table go to stdout)."""
+    print(f"[soak] {text}", file=sys.stderr, flush=True)
+
+
+def sleep_until(moment: float, stop: threading.Event | None = None) -> None:
+    """Sleep until time.monotonic() reaches `moment` (or `stop` is set)."""
+    delay = moment - time.monotonic()
+    if delay > 0:
+        if stop is not None:
+            stop.wait(delay)
+        else:
+            time.sleep(delay)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+###############################################################################
+# Private Redis and PostgreSQL, so that faults are real and nothing shared is touched
+###############################################################################
+
+
+class PrivateRedis:
+    """A redis-server of the soak's own on a free loopback port, without persistence."""
+
+    def __init__(self, workdir: Path) -> None:
+        if not shutil.which("redis-server"):
+            raise RuntimeError("redis-server is not installed (setup postgres needs it)")
+        self.port = free_port()
+        self.workdir = workdir
+        self.log_path = workdir / "redis.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    def start(self) -> float:
+        """Start it and wait until it answers PING; the seconds that took."""
+        began = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C reaches the soak, which stops it in order
+            )
+        deadline = began + 10
+        while time.monotonic() < deadline:
+            if self.answers():
+                return time.monotonic() - began
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"the private redis-server did not start: {self.log_tail()}")
+
+    def answers(self) -> bool:
+        """True if it answers PING within a second."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are accepted by the kernel, nothing is answered."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT."""
+        if self.proc is not None and self.paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+        self.paused = False
+
+    def stop(self) -> float:
+        """SIGTERM by its PID (SIGKILL after 10 s); the seconds that took."""
+        began = time.monotonic()
+        self.resume()
+        if self.proc is not None:
+            harness.stop_process(self.proc, 10)
+        self.proc = None
+        return time.monotonic() - began
+
+    def log_tail(self) -> str:
+        """The end of its log."""
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-1000:]
+        return ""
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of the soak's own (initdb + pg_ctl) on a free loopback port.
+
+    initdb refuses to run as root: as root, the cluster belongs to the `postgres` user
+    and every pg_ctl runs through `runuser -u postgres --`.
+    """
+
+    def __init__(self) -> None:
+        if not (shutil.which("pg_ctl") and shutil.which("initdb")):
+            raise RuntimeError("initdb / pg_ctl are not installed (setup postgres needs them)")
+        self.port = free_port()
+        self.user = "postgres" if os.geteuid() == 0 else None
+        # Its own folder, outside the soak's (root-only) work folder: the user must reach it.
+        self.dir = Path(tempfile.mkdtemp(prefix="cc-soak-pg-"))
+        self.data = self.dir / "data"
+        self.log_path = self.dir / "postgres.log"
+        try:
+            if self.user:
+                shutil.chown(self.dir, self.user)
+            self._run(["initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-N"])
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _run(self, args: list[str], timeout: float = 60) -> None:
+        prefix = ["runuser", "-u", self.user, "--"] if self.user else []
+        done = subprocess.run(
+            prefix + args,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,  # the postmaster must not get the terminal's Ctrl-C
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{args[0]} {args[-1]} failed: {done.stdout}{done.stderr}")
+
+    def start(self) -> float:
+        """Start the cluster and wait until it accepts connections; the seconds that took."""
+        began = time.monotonic()
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        pg_ctl = ["pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-o", options]
+        self._run([*pg_ctl, "-w", "-t", "30", "start"])
+        return time.monotonic() - began
+
+    def crash(self) -> float:
+        """Stop it at once, as a crash or the OOM killer would; the seconds that took."""
+        began = time.monotonic()
+        self._run(["pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"])
+        return time.monotonic() - began
+
+    def postmaster_pid(self) -> int | None:
+        """The running postmaster's PID, from postmaster.pid."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        return None
+
+    def url(self) -> str:
+        """The connection URL of its postgres database."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def remove(self) -> None:
+        """Stop it if it runs (fast shutdown, else SIGKILL to the postmaster's PID); delete."""
+        pid = self.postmaster_pid()
+        if pid is not None:
+            try:
+                self._run(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop"])
+            except (RuntimeError, subprocess.TimeoutExpired):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                time.sleep(1)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateStorage:
+    """setup postgres: the private Redis and PostgreSQL, with CloudChat's schema."""
+
+    name = "postgres"
+
+    def __init__(self, workdir: Path, server_path: Path) -> None:
+        self.workdir = workdir
+        self.server_path = server_path
+        self.redis: PrivateRedis | None = None
+        self.postgres: PrivatePostgres | None = None
+
+    def start(self) -> None:
+        """Start Redis, make and start the cluster (close() undoes whatever got done)."""
+        self.redis = PrivateRedis(self.workdir)
+        self.redis.start()
+        self.postgres = PrivatePostgres()
+        self.postgres.start()
+
+    def prepare(self, run: int) -> dict[str, str]:
+        """The storage variables; the schema applied with `cloudchat.py initdb`."""
+        assert self.redis is not None and self.postgres is not None
+        storage = {
+            "DATABASE_URL": self.postgres.url(),
+            "REDIS_URL": f"redis://127.0.0.1:{self.redis.port}/0",
+        }
+        harness.run_initdb(self.server_path, storage)
+        return storage
+
+    def cleanup_run(self) -> None:
+        """Nothing: the whole cluster and Redis go in close()."""
+
+    def close(self) -> None:
+        """Stop Redis and PostgreSQL, delete their files."""
+        if self.redis is not None:
+            self.redis.stop()
+        if self.postgres is not None:
+            self.postgres.remove()
+
+
+###############################################################################
+# Clients: the workers, the health probe, the slow-header burst
+###############################################################################
+
+
+@dataclasses.dataclass(slots=True)
+class Record:
+    """One request as the client saw it; `at` is seconds since the soak's traffic began."""
+
+    minute: int
+    endpoint: str
+    outcome: str  # "ok", "<status> <code>", or a connection failure kind
+    at: float
+    latency: float
+    first_line: float | None = None
+
+
+def error_outcome(status: int, body: bytes) -> str:
+    """'<status> <code>' from the JSON error envelope; for /auth/healthz, what is down."""
+    code = ""
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        parsed = json.loads(body)
+        if isinstance(parsed, dict) and isinstance(parsed.get("code"), str):
+            code = parsed["code"]
+        elif isinstance(parsed, dict) and "redis" in parsed and "db" in parsed:
+            down = [name for name in ("redis", "db") if parsed[name] is False]
+            code = "+".join(down) + "_down" if down else ""
+    return f"{status} {code}".strip()
+
+
+def outcome_of(status: int, body: bytes, failure: str, expected: int = 200) -> str:
+    """'ok' for the expected status, else the failure kind or '<status> <code>'."""
+    if status == expected:
+        return "ok"
+    return failure or error_outcome(status, body)
+
+
+def exception_outcome(exc: BaseException) -> str:
+    """The kind of a failure that left no HTTP status."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "closed_without_answer"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection_refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection_reset"
+    if isinstance(exc, BrokenPipeError):
+        return "broken_pipe"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "incomplete_body"
+    return type(exc).__name__
+
+
+def status_of(outcome: str) -> int:
+    """The HTTP status in an outcome label, 0 for none."""
+    head = outcome.split(" ", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+class Gate:
+    """Lets the clients run, or parks them (connections closed) for a quiet point."""
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self._cond = threading.Condition()
+        self.parked = 0
+
+    def is_open(self) -> bool:
+        """True while clients may send requests."""
+        return self._open.is_set()
+
+    def open(self) -> None:
+        """Let the clients go on."""
+        self._open.set()
+
+    def park(self, stop: threading.Event, deadline: float) -> None:
+        """Called by a client whose connection is closed: wait until the gate opens."""
+        with self._cond:
+            self.parked += 1
+            self._cond.notify_all()
+        while not self._open.wait(0.5):
+            if stop.is_set() or time.monotonic() > deadline:
+                break
+        with self._cond:
+            self.parked -= 1
+
+    def close(self, parties: int, timeout: float) -> bool:
+        """Ask every client to finish its request and park; True when all `parties` did."""
+        self._open.clear()
+        with self._cond:
+            return self._cond.wait_for(lambda: self.parked >= parties, timeout)
+
+
+class Client:
+    """A thread with one kept-alive connection to the server; stops at `deadline`."""
+
+    def __init__(self, soak: Soak, name: str) -> None:
+        self.soak = soak
+        self.conn: http.client.HTTPConnection | None = None
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def connection(self) -> http.client.HTTPConnection:
+        """The kept-alive connection, made anew after a failure."""
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(
+                "127.0.0.1", self.soak.port, timeout=CLIENT_TIMEOUT
+            )
+        return self.conn
+
+    def drop(self) -> None:
+        """Close the connection (the next request opens another)."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def send(
+        self, method: str, path: str, body: dict | None, cookies: dict[str, str]
+    ) -> http.client.HTTPResponse:
+        """Send a request and read the status line and headers.
+
+        A kept-alive connection the server closed while it idled fails before any answer;
+        like a browser, try once more on a fresh one (counted as a keep-alive retry).
+        """
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        cookie = "; ".join(f"{k}={v}" for k, v in cookies.items() if v)
+        if cookie:
+            headers["Cookie"] = cookie
+        for attempt in (1, 2):
+            conn = self.connection()
+            reused = conn.sock is not None
+            try:
+                conn.request(method, path, data, headers)
+                return conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.drop()
+                if reused and attempt == 1:
+                    self.soak.count_retry()
+                    continue
+                raise
+            except BaseException:
+                self.drop()
+                raise
+        raise AssertionError("unreachable")
+
+    def exchange(
+        self, method: str, path: str, body: dict | None = None, cookies: dict | None = None
+    ) -> tuple[int, bytes, http.client.HTTPResponse | None, str]:
+        """One whole request: status (0 on failure), body, response, failure kind."""
+        try:
+            response = self.send(method, path, body, cookies or {})
+            data = response.read()
+            return response.status, data, response, ""
+        except (OSError, http.client.HTTPException) as exc:
+            self.drop()
+            return 0, b"", None, exception_outcome(exc)
+
+    def _loop(self) -> None:
+        soak = self.soak
+        count = 0
+        cap = int(soak.deadline - time.monotonic() + 1) * MAX_ACTIONS_PER_SECOND
+        while not soak.stop.is_set() and time.monotonic() < soak.deadline and count < cap:
+            if not soak.gate.is_open():
+                self.drop()
+                soak.gate.park(soak.stop, soak.deadline)
+                continue
+            count += 1
+            try:
+                self.step()
+            except Exception as exc:  # a bug of the soak's own: say so, keep going
+                self.drop()
+                soak.client_bug(f"{type(exc).__name__}: {exc}")
+        self.drop()
+
+    def step(self) -> None:
+        """One action."""
+        raise NotImplementedError
+
+
+class Worker(Client):
+    """A visitor with an account: picks the next action at random, with fixed weights."""
+
+    def __init__(self, soak: Soak, number: int, email: str, password: str) -> None:
+        super().__init__(soak, f"worker-{number}")
+        self.number = number
+        self.email = email
+        self.password = password
+        self.maybe_password: str | None = None  # set when a reset's answer was lost
+        self.cookie: str | None = None  # cc_auth
+        self.visitor: str | None = None  # cc_app
+        self.revoked: list[str] = []  # sessions that ended: they must answer 401
+        self.rng = random.Random(soak.seed * 1000 + number)
+        self.sequence = 0
+        self.actions = list(WEIGHTS)
+        self.weights = [WEIGHTS[a] for a in self.actions]
+
+    def record(self, endpoint: str, outcome: str, began: float, first: float | None = None) -> None:
+        """Keep the result of one request."""
+        self.soak.record(endpoint, outcome, began, time.monotonic() - began, first)
+
+    def step(self) -> None:
+        self.sequence += 1
+        action = self.rng.choices(self.actions, self.weights)[0]
+        if action in ("me", "me_revoked") and self.cookie is None:
+            action = "login"
+        getattr(self, f"act_{action}")()
+
+    def act_healthz(self) -> None:
+        began = time.monotonic()
+        status, data, _, failure = self.exchange("GET", "/auth/healthz")
+        self.record("healthz", outcome_of(status, data, failure), began)
+
+    def act_me(self) -> None:
+        began = time.monotonic()
+        status, data, _, failure = self.exchange("GET", "/auth/me", cookies=self.cookies())
+        self.record("me", outcome_of(status, data, failure), began)
+        if status == 401:
+            self.cookie = None  # the session is gone: log in again
+
+    def act_me_revoked(self) -> None:
+        if not self.revoked:
+            self.act_me()
+            return
+        ended = self.rng.choice(self.revoked)
+        began = time.monotonic()
+        status, data, _, failure = self.exchange("GET", "/auth/me", cookies={"cc_auth": ended})
+        if status == 200:
+            outcome = "200 ended_session_accepted"
+        else:
+            outcome = "ok" if status == 401 else failure or error_outcome(status, data)
+        self.record("me_revoked", outcome, began)
+
+    def cookies(self) -> dict[str, str]:
+        """What a browser would send: the session and the chat visitor cookies."""
+        return {"cc_auth": self.cookie or "", "cc_app": self.visitor or ""}
+
+    def act_login(self) -> None:
+        previous = self.cookie
+        began = time.monotonic()
+        body = {"identifier": self.email, "password": self.password}
+        status, data, response, failure = self.exchange("POST", "/auth/login", body, self.cookies())
+        if status == 401 and self.maybe_password:
+            # A reset whose answer was lost may have changed the password after all.
+            self.record("login", "401 invalid_credentials (reset answer lost)", began)
+            self.password, self.maybe_password = self.maybe_password, None
+            self.act_login()
+            return
+        new = cookie_value(response, "cc_auth") if status == 200 else None
+        if status == 200 and new:
+            self.cookie = new
+            self.maybe_password = None
+            if previous:
+                self.remember_ended(previous)  # a login ends the session the browser sent
+            outcome = "ok"
+        elif status == 200:
+            outcome = "200 no_cookie"
+        else:
+            outcome = failure or error_outcome(status, data)
+            if failure:
+                self.cookie = None  # the old session may have ended: do not count on it
+        self.record("login", outcome, began)
+
+    def remember_ended(self, cookie: str) -> None:
+        """A session that must answer 401 from now on (the last 8 are kept)."""
+        self.revoked = [*self.revoked[-7:], cookie]
+
+    def act_reset_chat(self) -> None:
+        began = time.monotonic()
+        status, data, _, failure = self.exchange("POST", "/reset_chat", {}, self.cookies())
+        self.record("reset_chat", outcome_of(status, data, failure), began)
+
+    def act_password(self) -> None:
+        began = time.monotonic()
+        status, data, _, failure = self.exchange(
+            "POST", "/auth/password/forgot", {"identifier": self.email}
+        )
+        token = None
+        if status == 200:
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(data)
+                token = parsed.get("debug_token") if isinstance(parsed, dict) else None
+        if status == 200:
+            outcome = "ok" if token else "200 no_token"
+        else:
+            outcome = failure or error_outcome(status, data)
+        self.record("forgot", outcome, began)
+        if not token:
+            return
+        new = f"soak-{self.soak.tag}-{self.number}-{self.sequence}!"
+        began = time.monotonic()
+        status, data, _, failure = self.exchange(
+            "POST", "/auth/password/reset", {"token": token, "password": new}
+        )
+        if status == 200:
+            self.password, self.maybe_password = new, None
+            if self.cookie:
+                self.remember_ended(self.cookie)  # the reset ends every session of the user
+            self.cookie = None
+            self.record("reset", "ok", began)
+        else:
+            if failure:
+                self.maybe_password = new  # no answer: it may or may not have happened
+            self.record("reset", failure or error_outcome(status, data), began)
+
+    def act_chat(self, abort: bool = False) -> None:
+        endpoint = "chat_abort" if abort else "chat"
+        self.sequence += 1
+        body = {"message": f"soak {self.number}-{self.sequence}: tell me something"}
+        began = time.monotonic()
+        try:
+            response = self.send("POST", "/deepseek_chat", body, self.cookies())
+            self.visitor = cookie_value(response, "cc_app") or self.visitor
+            if response.status != 200:
+                self.record(endpoint, error_outcome(response.status, response.read()), began)
+                return
+            first = None
+            last = b""
+            for _ in range(100_000):  # a reply is 50 lines; bounded whatever comes
+                line = response.readline(1 << 20)
+                if not line:
+                    break
+                if first is None:
+                    first = time.monotonic() - began
+                    if abort:
+                        self.drop()  # the visitor leaves mid-answer
+                        self.record(endpoint, "ok", began, first)
+                        return
+                last = line
+        except (OSError, http.client.HTTPException) as exc:
+            self.drop()
+            self.record(endpoint, exception_outcome(exc), began)
+            return
+        outcome = "200 stream_cut"
+        with contextlib.suppress(ValueError):
+            final = json.loads(last)
+            if isinstance(final, dict) and final.get("done") is True:
+                outcome = "ok"
+            elif isinstance(final, dict) and "error" in final:
+                outcome = "200 error_line"
+        if outcome != "ok":
+            self.drop()
+        self.record(endpoint, outcome, began, first)
+
+    def act_chat_abort(self) -> None:
+        self.act_chat(abort=True)
+
+
+def cookie_value(response: http.client.HTTPResponse | None, name: str) -> str | None:
+    """The value a response's Set-Cookie headers give `name` (None when they do not)."""
+    if response is None:
+        return None
+    for header in response.msg.get_all("Set-Cookie") or ():
+        pair = header.split(";", 1)[0]
+        key, _, value = pair.partition("=")
+        if key.strip() == name and value:
+            return value
+    return None
+
+
+class HealthMonitor(Client):
+    """GET /auth/healthz every 0.5 s: when a fault shows, when it is over, loop stalls."""
+
+    def __init__(self, soak: Soak) -> None:
+        super().__init__(soak, "healthz-monitor")
+        self.samples: list[tuple[int, float, str, float]] = []  # (minute, at, outcome, ms)
+        self._next = time.monotonic()
+
+    def step(self) -> None:
+        sleep_until(self._next, self.soak.stop)
+        self._next = max(self._next + MONITOR_EVERY, time.monotonic())
+        began = time.monotonic()
+        status, data, _, failure = self.exchange("GET", "/auth/healthz")
+        outcome = outcome_of(status, data, failure)
+        latency = time.monotonic() - began
+        self.samples.append((self.soak.minute, began - self.soak.t0, outcome, latency * 1000))
+
+
+class SlowHeaders:
+    """N connections that send a request line and then a header a byte a second."""
+
+    def __init__(self, port: int, count: int, limit: float) -> None:
+        self.port = port
+        self.count = count
+        self.limit = limit
+        self.opened = 0
+        self.connect_failures = 0
+        self.ends: list[tuple[float, str]] = []  # (seconds after its first byte, how)
+        self.left_open = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slow-headers", daemon=True)
+
+    def start(self) -> None:
+        """Open the connections and start trickling."""
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        """Close what is still open; what happened."""
+        self._stop.set()
+        self._thread.join(30)
+        seconds = [s for s, _ in self.ends]
+        return {
+            "clients": self.count,
+            "opened": self.opened,
+            "connect_failures": self.connect_failures,
+            "ended_by_server": len(self.ends),
+            "how": dict(Counter(how for _, how in self.ends)),
+            "ended_after_s_min": round(min(seconds), 2) if seconds else None,
+            "ended_after_s_median": round(statistics.median(seconds), 2) if seconds else None,
+            "ended_after_s_max": round(max(seconds), 2) if seconds else None,
+            "still_open_at_heal": self.left_open,
+        }
+
+    def _run(self) -> None:
+        began = time.monotonic()
+        open_ones: list[tuple[socket.socket, float]] = []
+        try:
+            for _ in range(self.count):
+                if self._stop.is_set():
+                    break
+                try:
+                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+                    sock.sendall(b"GET /auth/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                    sock.setblocking(False)
+                    open_ones.append((sock, time.monotonic()))
+                    self.opened += 1
+                except OSError:
+                    self.connect_failures += 1
+            tick = 0
+            while not self._stop.wait(0.5) and time.monotonic() - began < self.limit + 30:
+                tick += 1
+                still = []
+                for sock, first_byte in open_ones:
+                    how = self._poll(sock, send=tick % 2 == 0)
+                    if how:
+                        self.ends.append((time.monotonic() - first_byte, how))
+                        sock.close()
+                    else:
+                        still.append((sock, first_byte))
+                open_ones = still
+        finally:
+            self.left_open = len(open_ones)
+            for sock, _ in open_ones:
+                sock.close()
+
+    @staticmethod
+    def _poll(sock: socket.socket, send: bool) -> str:
+        """'' while the server keeps waiting; how it ended the connection otherwise."""
+        try:
+            data = sock.recv(4096)
+            if not data:
+                return "closed"
+            return data.split(b"\r\n", 1)[0].decode("latin-1")[:40]
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            return type(exc).__name__
+        if send:
+            try:
+                sock.send(b"a")
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                return type(exc).__name__
+        return ""
+
+
+###############################################################################
+# Faults
+###############################################################################
+
+
+class Fault:
+    """One fault of the rotation: inject() it, heal() it, `notes` say what happened."""
+
+    def __init__(self, name: str, soak: Soak) -> None:
+        self.name = name
+        self.soak = soak
+        self.notes: dict[str, Any] = {}
+        self._burst: SlowHeaders | None = None
+        self._misbehaved = 0
+
+    def inject(self) -> None:
+        """Break something."""
+        soak = self.soak
+        storage = soak.storage
+        if self.name == "redis-stop":
+            self.notes["stop_s"] = round(storage.redis.stop(), 2)
+        elif self.name == "redis-hang":
+            storage.redis.pause()
+        elif self.name == "postgres-stop":
+            self.notes["crash_s"] = round(storage.postgres.crash(), 2)
+        elif self.name in PROVIDER_MODES:
+            self._misbehaved = soak.provider_stats().get("misbehaved", 0)
+            soak.provider_control(PROVIDER_MODES[self.name])
+        elif self.name == "slow-headers":
+            self._burst = SlowHeaders(soak.port, SLOW_CLIENTS, soak.args.fault_seconds)
+            self._burst.start()
+
+    def heal(self) -> None:
+        """Put it right again."""
+        soak = self.soak
+        storage = soak.storage
+        if self.name == "redis-stop":
+            self.notes["start_s"] = round(storage.redis.start(), 2)
+        elif self.name == "redis-hang":
+            storage.redis.resume()
+        elif self.name == "postgres-stop":
+            self.notes["start_s"] = round(storage.postgres.start(), 2)
+        elif self.name in PROVIDER_MODES:
+            soak.provider_control("normal")
+            misbehaved = soak.provider_stats().get("misbehaved", 0) - self._misbehaved
+            self.notes["provider_requests_misbehaved"] = misbehaved
+        elif self.name == "slow-headers" and self._burst is not None:
+            self.notes.update(self._burst.stop())
+
+
+###############################################################################
+# The soak
+###############################################################################
+
+
+class ServerLog:
+    """The server's log file: SIGUSR1 stats lines, and the whole text at the end."""
+
+    def __init__(self, server: harness.LoggedProcess) -> None:
+        self.server = server
+
+    def stats(self, wait: float = 5.0) -> dict[str, int] | None:
+        """SIGUSR1 and the `stats ...` line the server logs for it (None: no answer)."""
+        path = self.server.log_path
+        offset = path.stat().st_size
+        try:
+            os.kill(self.server.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return None
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with open(path, "rb") as log:
+                log.seek(offset)
+                match = STATS_RE.search(log.read().decode("utf-8", "replace"))
+            if match:
+                connections, greenlets, fds, rss_kib = (int(g) for g in match.groups())
+                return {
+                    "connections": connections,
+                    "greenlets": greenlets,
+                    "open_fds": fds,
+                    "rss_kib": rss_kib,
+                }
+            time.sleep(0.05)
+        return None
+
+
+class Soak:
+    """Everything one soak run starts, measures and reports."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.seed = args.seed
+        self.tag = f"{os.getpid()}{random.Random(args.seed).randrange(1000):03d}"
+        self.stop = threading.Event()
+        self.gate = Gate()
+        self.minute = 0
+        self.t0 = time.monotonic()
+        self.deadline = self.t0
+        self.port = 0
+        self.records: list[Record] = []
+        self.retries: Counter[int] = Counter()
+        self.bugs: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self.workdir = Path(tempfile.mkdtemp(prefix="cc-soak-"))
+        self.storage: Any = None
+        self.provider: harness.LoggedProcess | None = None
+        self.server: harness.LoggedProcess | None = None
+        self.log: ServerLog | None = None
+        self.clients: list[Client] = []
+        self.monitor: HealthMonitor | None = None
+        self.minutes: list[dict[str, Any]] = []
+        self.flags: list[str] = []
+        self.env: dict[str, str] = {}
+        self.identity: dict[str, Any] = {}
+        self.start_sample: dict[str, Any] = {"rss_mb": 0.0, "stats": None}
+
+    # --- bookkeeping called from the client threads --------------------------------
+
+    def record(
+        self, endpoint: str, outcome: str, began: float, latency: float, first: float | None
+    ) -> None:
+        """Keep one request's result."""
+        item = Record(self.minute, endpoint, outcome, began - self.t0, latency, first)
+        with self._lock:
+            self.records.append(item)
+
+    def client_bug(self, text: str) -> None:
+        """A client action failed in the soak's own code (flagged, counted once per kind)."""
+        with self._lock:
+            self.bugs[text] += 1
+            first = self.bugs[text] == 1
+        if first:
+            say(f"client error (a bug of the soak, not of the server?): {text}")
+
+    def count_retry(self) -> None:
+        """A kept-alive connection was found closed and the request sent again."""
+        with self._lock:
+            self.retries[self.minute] += 1
+
+    # --- the processes --------------------------------------------------------------
+
+    def provider_control(self, mode: str) -> None:
+        """Switch the fake provider's mode (POST /control)."""
+        assert self.provider is not None
+        conn = http.client.HTTPConnection("127.0.0.1", self.provider.port, timeout=5)
+        try:
+            status, body, _ = harness.call(conn, "POST", "/control", {"mode": mode})
+        finally:
+            conn.close()
+        if status != 200:
+            raise RuntimeError(f"the provider refused mode {mode}: {body!r}")
+
+    def provider_stats(self) -> dict[str, Any]:
+        """The provider's counters ({} when it does not answer)."""
+        assert self.provider is not None
+        try:
+            return harness.provider_stats(self.provider.port)
+        except (OSError, http.client.HTTPException, ValueError):
+            return {}
+
+    def start(self) -> None:
+        """Provider, storage, server; the worker accounts."""
+        args = self.args
+        snapshot = self.workdir / "server"
+        snapshot.mkdir()
+        shutil.copyfile(args.server, snapshot / args.server.name)
+        if (args.server.parent / "schema.sql").exists():
+            shutil.copyfile(args.server.parent / "schema.sql", snapshot / "schema.sql")
+        self.identity = harness.source_identity(args.server, snapshot / args.server.name)
+        server_path = snapshot / args.server.name
+        self.provider = harness.LoggedProcess(
+            [sys.executable, str(BENCH / "provider.py")], dict(os.environ), self.workdir / "p.log"
+        )
+        say(f"fake provider on port {self.provider.port}")
+        if args.setup == "postgres":
+            self.storage = PrivateStorage(self.workdir, server_path)
+            self.storage.start()
+            say(
+                f"private redis-server on port {self.storage.redis.port}, private PostgreSQL"
+                f" on port {self.storage.postgres.port} ({self.storage.postgres.dir})"
+            )
+        else:
+            self.storage = harness.EmbeddedStorage(self.workdir, server_path)
+        storage = self.storage.prepare(1)
+        self.env = {
+            **harness.server_env(storage, self.provider.port),
+            "DEEPSEEK_API_KEY": "soak",
+            "DEBUG_RETURN_RESET_TOKEN": "1",
+            "RATE_FORGOT_IP": harness.RAISED_LIMIT,
+            "RATE_FORGOT_IDENTIFIER": harness.RAISED_LIMIT,
+            **args.env,
+        }
+        self.server = harness.LoggedProcess(
+            [sys.executable, str(server_path)], self.env, self.workdir / "server.log"
+        )
+        self.port = self.server.port
+        self.log = ServerLog(self.server)
+        say(f"server PID {self.server.pid} on port {self.port} ({args.setup})")
+        emails = [f"soak-{self.tag}-w{i}@example.com" for i in range(args.workers)]
+        for email in emails:
+            harness.register_user(self.port, email)
+        self.clients = [
+            Worker(self, number, email, harness.PASSWORD) for number, email in enumerate(emails)
+        ]
+        self.monitor = HealthMonitor(self)
+        self.clients.append(self.monitor)
+
+    def quiet_sample(self) -> dict[str, Any]:
+        """Park every client, let the server settle; RSS, SIGUSR1 stats, upstream conns."""
+        assert self.server is not None
+        alive = sum(1 for c in self.clients if c.thread.is_alive())
+        parked = self.gate.close(alive, 15.0)
+        time.sleep(1.0)  # the server closes the connections the clients closed
+        rss = harness.settle(self.server.pid, 2.0)
+        stats = self.log.stats() if self.log is not None else None
+        return {
+            "all_parked": parked,
+            "rss_mb": round(rss, 2),
+            "stats": stats,
+            "upstream_open": self.provider_stats().get("open"),
+        }
+
+    def run(self) -> None:
+        """The minutes: traffic, one fault each, a quiet point at the end of each."""
+        try:
+            self._run_minutes()
+        finally:
+            self.stop.set()
+            self.gate.open()
+            for client in self.clients:
+                if client.thread.is_alive():
+                    client.thread.join(CLIENT_TIMEOUT * 3)
+
+    def _run_minutes(self) -> None:
+        assert self.server is not None
+        args = self.args
+        self.start_sample = self.quiet_sample()
+        say(f"before traffic: {describe_quiet(self.start_sample)}")
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + args.minutes * MINUTE + 120  # slack for late quiet points
+        self.minute = 1
+        self.gate.open()
+        for client in self.clients:
+            client.thread.start()
+        planned = self.t0
+        for minute in range(1, args.minutes + 1):
+            start = max(planned, time.monotonic())
+            planned = start + MINUTE
+            self.minute = minute
+            self.gate.open()
+            fault = Fault(args.faults[(minute - 1) % len(args.faults)], self)
+            window: dict[str, Any] = {"name": fault.name}
+            with harness.RssSampler(self.server.pid) as rss:
+                sleep_until(start + FAULT_AT)
+                if fault.name != "none":
+                    window["injected_at"] = round(time.monotonic() - self.t0, 2)
+                    try:
+                        fault.inject()
+                        sleep_until(start + FAULT_AT + args.fault_seconds / 2)
+                        window["under_fault"] = self.log.stats(2.0) if self.log else None
+                        sleep_until(start + FAULT_AT + args.fault_seconds)
+                    except Exception as exc:
+                        self.flags.append(f"minute {minute}: injecting {fault.name}: {exc!r}")
+                    finally:
+                        try:
+                            fault.heal()
+                        except Exception as exc:
+                            self.flags.append(f"minute {minute}: healing {fault.name}: {exc!r}")
+                    window["healed_at"] = round(time.monotonic() - self.t0, 2)
+                    window["notes"] = fault.notes
+                    say(f"minute {minute}: {fault.name} injected and healed {fault.notes}")
+                sleep_until(start + QUIET_AT)
+                quiet = self.quiet_sample()
+            summary = self.summarize_minute(minute, window, quiet, rss.peak)
+            self.minutes.append(summary)
+            print(render_minute(summary, args.minutes), flush=True)
+            if not self.server.alive():
+                self.flags.append(
+                    f"the server exited (code {self.server.proc.returncode}) in minute {minute}"
+                )
+                break
+            if minute < args.minutes:
+                sleep_until(planned)
+
+    # --- figures ---------------------------------------------------------------------
+
+    def in_window(self, window: dict[str, Any], at: float) -> bool:
+        """True when a request that started at `at` belongs to the minute's fault."""
+        if "injected_at" not in window:
+            return False
+        return window["injected_at"] - CLIENT_TIMEOUT <= at <= window["healed_at"] + GRACE
+
+    def summarize_minute(
+        self, minute: int, window: dict[str, Any], quiet: dict[str, Any], peak: float
+    ) -> dict[str, Any]:
+        """The minute's requests, errors, latencies and server figures."""
+        with self._lock:
+            records = [r for r in self.records if r.minute == minute]
+        errors = [r for r in records if r.outcome != "ok"]
+        outside = [r for r in errors if not self.in_window(window, r.at)]
+        endpoints = {}
+        for name in ENDPOINTS:
+            mine = [r for r in records if r.endpoint == name]
+            if not mine:
+                continue
+            latencies = [r.latency for r in mine]
+            firsts = [r.first_line for r in mine if r.first_line is not None]
+            endpoints[name] = {
+                "requests": len(mine),
+                "ok": sum(1 for r in mine if r.outcome == "ok"),
+                "outcomes": dict(Counter(r.outcome for r in mine if r.outcome != "ok")),
+                "p50_ms": ms(harness.percentile(latencies, 50)),
+                "p99_ms": ms(harness.percentile(latencies, 99)),
+                "max_ms": ms(max(latencies)),
+                **(
+                    {
+                        "first_line_p50_ms": ms(harness.percentile(firsts, 50)),
+                        "first_line_p99_ms": ms(harness.percentile(firsts, 99)),
+                    }
+                    if firsts
+                    else {}
+                ),
+            }
+        probes = [s for s in (self.monitor.samples if self.monitor else []) if s[0] == minute]
+        summary = {
+            "minute": minute,
+            "fault": window,
+            "requests": len(records),
+            "ok": len(records) - len(errors),
+            "errors": len(errors),
+            "errors_in_fault_window": len(errors) - len(outside),
+            "errors_outside_fault_window": len(outside),
+            "errors_by_kind": dict(Counter(r.outcome for r in errors).most_common()),
+            "outside_by_kind": dict(Counter(f"{r.endpoint} {r.outcome}" for r in outside)),
+            "outside_first_at": [round(r.at, 2) for r in outside[:10]],
+            "status_500": sum(1 for r in records if status_of(r.outcome) == 500),
+            "ended_session_accepted": sum(
+                1 for r in records if r.outcome == "200 ended_session_accepted"
+            ),
+            "keepalive_retries": self.retries.get(minute, 0),
+            "endpoints": endpoints,
+            "quiet": quiet,
+            "peak_rss_mb": round(peak, 2),
+            "probe": probe_summary(probes, window),
+        }
+        if "healed_at" in window:
+            late = [r.at for r in errors if r.at >= window["healed_at"]]
+            summary["last_error_after_heal_s"] = (
+                round(max(late) - window["healed_at"], 2) if late else None
+            )
+        return summary
+
+    def verdict(self) -> dict[str, Any]:
+        """Growth between the early and the late quiet points; everything else flagged."""
+        minutes = {m["minute"]: m for m in self.minutes}
+        minutes[0] = {"minute": 0, "quiet": self.start_sample}
+        count = len(self.minutes)
+        if count >= 5:
+            base, end = [2, 3], [count - 1, count]
+        elif count >= 3:
+            base, end = [2], [count]
+        elif count == 2:
+            base, end = [1], [2]
+        elif count == 1:
+            base, end = [0], [1]
+        else:
+            base, end = [], []
+
+        def values(which: list[int], key: str) -> list[float]:
+            found = []
+            for number in which:
+                quiet = minutes.get(number, {}).get("quiet") or {}
+                if key == "rss_mb":
+                    found.append(quiet.get("rss_mb"))
+                else:
+                    found.append((quiet.get("stats") or {}).get(key))
+            return [v for v in found if v is not None]
+
+        result: dict[str, Any] = {
+            "baseline_minutes": base,
+            "final_minutes": end,
+            "indicative_only": count < 5,
+            "thresholds": {
+                "rss_growth_mb": RSS_LIMIT_MB,
+                "rss_mb_per_minute": RSS_SLOPE_LIMIT,
+                "greenlets": GREENLET_TOLERANCE,
+                "open_fds": FD_TOLERANCE,
+            },
+        }
+        flags = list(self.flags)
+        for key, limit, label in (
+            ()
+            if not base
+            else (
+                ("rss_mb", RSS_LIMIT_MB, "RSS (MB)"),
+                ("greenlets", GREENLET_TOLERANCE, "greenlets"),
+                ("open_fds", FD_TOLERANCE, "open fds"),
+            )
+        ):
+            before, after = values(base, key), values(end, key)
+            if not before or not after:
+                result[key] = None
+                flags.append(f"{label}: no figure for minutes {base} or {end}")
+                continue
+            if key == "rss_mb":
+                first, last = statistics.mean(before), statistics.mean(after)
+            else:
+                first, last = max(before), max(after)
+            grew = last - first > limit
+            result[key] = {
+                "baseline": round(first, 2),
+                "final": round(last, 2),
+                "growth": round(last - first, 2),
+                "ok": not grew,
+            }
+            if grew and base != [0]:  # against the cold start, growth is the warm-up
+                flags.append(f"{label} grew from {first:.1f} to {last:.1f} (limit +{limit})")
+        # A step (a burst raised the allocator's high-water mark) is not a leak; a steady
+        # climb is: the least-squares slope of the quiet-point RSS over the second half.
+        half = [
+            (m["minute"], m["quiet"]["rss_mb"])
+            for m in self.minutes
+            if m["minute"] > count // 2 and m["quiet"].get("rss_mb")
+        ]
+        if len(half) >= 3:
+            slope = statistics.linear_regression([x for x, _ in half], [y for _, y in half]).slope
+            climbing = slope > RSS_SLOPE_LIMIT
+            result["rss_slope"] = {
+                "minutes": [half[0][0], half[-1][0]],
+                "mb_per_minute": round(slope, 3),
+                "ok": not climbing,
+            }
+            if climbing:
+                flags.append(
+                    f"RSS climbs {slope:+.2f} MB a minute over minutes {half[0][0]}-{half[-1][0]}"
+                    f" (limit +{RSS_SLOPE_LIMIT})"
+                )
+        for minute in self.minutes:
+            number = minute["minute"]
+            if minute["quiet"].get("stats") is None:
+                flags.append(f"minute {number}: no answer to SIGUSR1 within 5 s (hung?)")
+            if not minute["quiet"].get("all_parked"):
+                flags.append(f"minute {number}: a client did not finish its request in 15 s")
+            if minute["status_500"]:
+                flags.append(f"minute {number}: {minute['status_500']} answers with status 500")
+            if minute["errors_outside_fault_window"]:
+                flags.append(
+                    f"minute {number}: {minute['errors_outside_fault_window']} errors outside"
+                    f" the fault window: {minute['outside_by_kind']}"
+                )
+            if minute["ended_session_accepted"]:
+                flags.append(
+                    f"minute {number}: {minute['ended_session_accepted']} ended sessions"
+                    " answered 200"
+                )
+            upstream = minute["quiet"].get("upstream_open")
+            if upstream is not None and upstream > UPSTREAM_IDLE:
+                flags.append(
+                    f"minute {number}: {upstream} upstream connections open at the quiet point"
+                    f" (idle pool {UPSTREAM_IDLE})"
+                )
+        for text, count in self.bugs.items():
+            flags.append(f"client-side error in the soak itself ({count}x): {text}")
+        result["flags"] = flags
+        return result
+
+    def finish(self) -> dict[str, Any]:
+        """Stop the server (a clean exit is expected) and read its log."""
+        assert self.server is not None
+        began = time.monotonic()
+        self.server.stop()
+        facts: dict[str, Any] = {
+            "exit_code": self.server.proc.returncode,
+            "shutdown_s": round(time.monotonic() - began, 2),
+        }
+        try:
+            text = self.server.log_text()
+        except OSError as exc:
+            text = ""
+            self.flags.append(f"the server log could not be read: {exc}")
+        facts.update(read_server_log(text))
+        if facts["exit_code"] != 0:
+            self.flags.append(f"the server exited with code {facts['exit_code']} on SIGTERM")
+        if facts["tracebacks"]:
+            self.flags.append(f"{facts['tracebacks']} tracebacks in the server log")
+        if facts["status_500_lines"]:
+            self.flags.append(f"{facts['status_500_lines']} requests logged with status 500")
+        if self.args.keep_logs:
+            self.args.keep_logs.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.server.log_path, self.args.keep_logs / "server.log")
+            assert self.provider is not None
+            shutil.copyfile(self.provider.log_path, self.args.keep_logs / "provider.log")
+            if isinstance(self.storage, PrivateStorage):
+                with contextlib.suppress(OSError, AttributeError):
+                    shutil.copyfile(self.storage.redis.log_path, self.args.keep_logs / "redis.log")
+                    shutil.copyfile(
+                        self.storage.postgres.log_path, self.args.keep_logs / "postgres.log"
+                    )
+        return facts
+
+    def close(self) -> None:
+        """Stop whatever still runs, by PID; remove the temporary files."""
+        self.stop.set()
+        self.gate.open()
+        for process in (self.server, self.provider):
+            if process is not None:
+                with contextlib.suppress(Exception):
+                    process.stop()  # a no-op for a process already stopped
+        if self.storage is not None:
+            with contextlib.suppress(Exception):
+                self.storage.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def ms(seconds: float | None) -> float | None:
+    """Seconds as milliseconds, rounded."""
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def probe_summary(
+    probes: list[tuple[int, float, str, float]], window: dict[str, Any]
+) -> dict[str, Any]:
+    """The 0.5 s health probe over one minute: latencies, and when the fault showed."""
+    latencies = [p[3] for p in probes]
+    result: dict[str, Any] = {
+        "count": len(probes),
+        "failures": sum(1 for p in probes if p[2] != "ok"),
+        "max_ms": round(max(latencies), 1) if latencies else None,
+        "p99_ms": round(harness.percentile(latencies, 99) or 0, 1) if latencies else None,
+        "outcomes": dict(Counter(p[2] for p in probes if p[2] != "ok")),
+    }
+    if "injected_at" in window:
+        injected, healed = window["injected_at"], window["healed_at"]
+        bad = [p for p in probes if p[1] >= injected and p[2] != "ok"]
+        result["failed_after_s"] = round(bad[0][1] - injected, 2) if bad else None
+        if bad:
+            good = [p for p in probes if p[1] >= healed and p[2] == "ok"]
+            result["ok_again_after_heal_s"] = (
+                round(good[0][1] + good[0][3] / 1000 - healed, 2) if good else None
+            )
+    return result
+
+
+def read_server_log(text: str) -> dict[str, Any]:
+    """Tracebacks (with excerpts), ERROR lines, 5xx request lines, warnings by kind."""
+    lines = text.splitlines()
+    excerpts = []
+    for index, line in enumerate(lines):
+        if "Traceback (most recent call last)" in line and len(excerpts) < 3:
+            excerpts.append("\n".join(lines[max(0, index - 1) : index + 25]))
+    statuses: Counter[str] = Counter()
+    for match in REQUEST_LINE_RE.finditer(text):
+        method, path, status = match.groups()
+        if status.startswith("5"):
+            statuses[f"{method} {path} {status}"] += 1
+    return {
+        "lines": len(lines),
+        "tracebacks": text.count("Traceback (most recent call last)"),
+        "traceback_excerpts": excerpts,
+        "error_lines": len(re.findall(r" (?:ERROR|CRITICAL) ", text)),
+        "status_500_lines": sum(n for key, n in statuses.items() if key.endswith(" 500")),
+        "status_5xx_by_route": dict(statuses.most_common()),
+        # Object addresses (pywsgi logs the socket's repr) blanked too, so like lines add up.
+        "complaints": dict(
+            harness.complaint_kinds(re.sub(r"0x[0-9a-f]+", "0x", text)).most_common(25)
+        ),
+    }
+
+
+###############################################################################
+# Output
+###############################################################################
+
+
+def describe_quiet(quiet: dict[str, Any]) -> str:
+    """The quiet-point figures in one phrase."""
+    stats = quiet.get("stats")
+    text = f"RSS {quiet['rss_mb']:.1f} MB"
+    if stats:
+        text += (
+            f", greenlets {stats['greenlets']}, open fds {stats['open_fds']}, connections"
+            f" {stats['connections']}"
+        )
+    else:
+        text += ", no answer to SIGUSR1"
+    if quiet.get("upstream_open") is not None:
+        text += f", upstream connections open {quiet['upstream_open']}"
+    return text
+
+
+def kinds_text(kinds: dict[str, int], top: int = 99) -> str:
+    """'kind n, kind n' for the most frequent kinds."""
+    items = sorted(kinds.items(), key=lambda item: -item[1])
+    return ", ".join(f"{kind} {count:,}" for kind, count in items[:top]) or "-"
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    """A figure, '-' for none."""
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def render_minute(m: dict[str, Any], total: int) -> str:
+    """The report printed at the end of every minute."""
+    window = m["fault"]
+    probe = m["probe"]
+    if "injected_at" in window:
+        head = (
+            f"minute {m['minute']}/{total}: {window['name']} at {window['injected_at']:.1f} s,"
+            f" healed at {window['healed_at']:.1f} s"
+        )
+        if window.get("notes"):
+            head += " (" + ", ".join(f"{k} {v}" for k, v in window["notes"].items()) + ")"
+    else:
+        head = f"minute {m['minute']}/{total}: no fault"
+    out = [f"== {head}"]
+    if "injected_at" in window:
+        shown = probe.get("failed_after_s")
+        back = probe.get("ok_again_after_heal_s")
+        out.append(
+            "   healthz probe: "
+            + (
+                f"failing {shown:.1f} s after the injection, 200 again {fmt(back)} s after healing"
+                if shown is not None
+                else "200 throughout"
+            )
+            + f"; slowest probe {fmt(probe['max_ms'])} ms; "
+            + (
+                "no client error after healing"
+                if m.get("last_error_after_heal_s") is None
+                else f"last client error {m['last_error_after_heal_s']:.1f} s after healing"
+            )
+        )
+    else:
+        out.append(f"   healthz probe: slowest {fmt(probe['max_ms'])} ms")
+    out.append(
+        f"   requests {m['requests']:,}: ok {m['ok']:,}, errors {m['errors']:,} (in the fault"
+        f" window {m['errors_in_fault_window']:,}, outside {m['errors_outside_fault_window']:,}),"
+        f" status 500: {m['status_500']}, keep-alive retries {m['keepalive_retries']}"
+    )
+    out.append(f"   errors by kind: {kinds_text(m['errors_by_kind'])}")
+    rows = [("endpoint", "requests", "ok", "p50 ms", "p99 ms", "errors by kind")]
+    for name, e in m["endpoints"].items():
+        rows.append(
+            (
+                name,
+                f"{e['requests']:,}",
+                f"{e['ok']:,}",
+                fmt(e["p50_ms"]),
+                fmt(e["p99_ms"]),
+                kinds_text(e["outcomes"], 4),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(row[1:5], widths[1:], strict=True)]
+        out.append("     " + "  ".join(cells) + "  " + row[5])
+    out.append(
+        f"   server at the quiet point: {describe_quiet(m['quiet'])}; peak RSS this minute"
+        f" {m['peak_rss_mb']:.1f} MB"
+    )
+    under = window.get("under_fault")
+    if under:
+        out.append(
+            f"   under the fault: connections {under['connections']}, greenlets"
+            f" {under['greenlets']}, open fds {under['open_fds']}, RSS"
+            f" {under['rss_kib'] / 1024:.1f} MB"
+        )
+    return "\n".join(out)
+
+
+def render_table(soak: Soak) -> str:
+    """One line per minute."""
+    header = (
+        "min",
+        "fault",
+        "requests",
+        "errors",
+        "outside",
+        "500s",
+        "RSS MB",
+        "peak MB",
+        "greenlets",
+        "fds",
+        "back s",
+        "errors by kind",
+    )
+    rows = [header]
+    start = soak.start_sample
+    rows.append(
+        (
+            "0",
+            "(before traffic)",
+            "",
+            "",
+            "",
+            "",
+            fmt(start["rss_mb"]),
+            "",
+            str((start.get("stats") or {}).get("greenlets", "-")),
+            str((start.get("stats") or {}).get("open_fds", "-")),
+            "",
+            "",
+        )
+    )
+    for m in soak.minutes:
+        stats = m["quiet"].get("stats") or {}
+        rows.append(
+            (
+                str(m["minute"]),
+                m["fault"]["name"],
+                f"{m['requests']:,}",
+                f"{m['errors']:,}",
+                f"{m['errors_outside_fault_window']:,}",
+                str(m["status_500"]),
+                fmt(m["quiet"]["rss_mb"]),
+                fmt(m["peak_rss_mb"]),
+                str(stats.get("greenlets", "-")),
+                str(stats.get("open_fds", "-")),
+                fmt(m["probe"].get("ok_again_after_heal_s")),
+                kinds_text(m["errors_by_kind"], 3),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    out = []
+    for index, row in enumerate(rows):
+        cells = [row[0].rjust(widths[0]), row[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(row[2:-1], widths[2:], strict=True)]
+        out.append("  ".join(cells) + "  " + row[-1])
+        if index == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+def render_verdict(verdict: dict[str, Any], log: dict[str, Any]) -> str:
+    """Growth, flags, and the server log's findings."""
+    base, end = verdict["baseline_minutes"], verdict["final_minutes"]
+    if not base:
+        return render_flags(["growth: no whole minute to compare"], verdict, log)
+    named = "before traffic" if base == [0] else f"minute(s) {'-'.join(map(str, base))}"
+    if base == [0]:
+        caveat = " (a cold start: pools fill up, growth is shown, not flagged)"
+    elif verdict["indicative_only"]:
+        caveat = " (indicative only: fewer than 5 minutes)"
+    else:
+        caveat = ""
+    out = [f"growth, quiet points of {named} against minute(s) {'-'.join(map(str, end))}{caveat}:"]
+    for key, label, limit in (
+        ("rss_mb", "RSS (MB)", RSS_LIMIT_MB),
+        ("greenlets", "greenlets", GREENLET_TOLERANCE),
+        ("open_fds", "open fds", FD_TOLERANCE),
+    ):
+        found = verdict.get(key)
+        if found is None:
+            out.append(f"  {label:<10} no figures")
+            continue
+        out.append(
+            f"  {label:<10} {found['baseline']:8.1f} -> {found['final']:8.1f}"
+            f"  {found['growth']:+6.1f} (limit +{limit})"
+            f"  {'ok' if found['ok'] else ('warm-up' if base == [0] else 'GROWTH')}"
+        )
+    slope = verdict.get("rss_slope")
+    if slope:
+        first, last = slope["minutes"]
+        out.append(
+            f"  RSS trend over minutes {first}-{last}: {slope['mb_per_minute']:+.3f} MB a minute"
+            f" (limit +{RSS_SLOPE_LIMIT})  {'ok' if slope['ok'] else 'CLIMBING'}"
+        )
+    return render_flags(out, verdict, log)
+
+
+def render_flags(out: list[str], verdict: dict[str, Any], log: dict[str, Any]) -> str:
+    """The server log's findings and the flags, after `out`."""
+    out.append(
+        f"server log: {log['lines']:,} lines, {log['tracebacks']} tracebacks,"
+        f" {log['error_lines']} ERROR lines, {log['status_500_lines']} requests with status"
+        f" 500; exit code {log['exit_code']} after SIGTERM ({log['shutdown_s']:.1f} s)"
+    )
+    if log["status_5xx_by_route"]:
+        out.append(f"  5xx by route: {kinds_text(log['status_5xx_by_route'], 8)}")
+    if log["complaints"]:
+        out.append("  warnings and errors by kind:")
+        for kind, count in list(log["complaints"].items())[:12]:
+            out.append(f"    {count:6,}  {kind[:150]}")
+    for excerpt in log["traceback_excerpts"]:
+        out.append("  traceback:\n" + "\n".join("    " + line for line in excerpt.splitlines()))
+    flags = verdict["flags"]
+    if flags:
+        out.append(f"verdict: FLAGGED ({len(flags)})")
+        out.extend(f"  - {flag}" for flag in flags)
+    else:
+        out.append("verdict: ok (no 500, no traceback, no error outside the fault windows,")
+        out.append("         no growth past the thresholds)")
+    return "\n".join(out)
+
+
+###############################################################################
+# main()
+###############################################################################
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n", 1)[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--minutes", type=int, default=10, help="minutes of traffic (1..120)")
+    parser.add_argument("--setup", choices=("postgres", "embedded"), default="postgres")
+    parser.add_argument("--json", type=Path, help="where to write every figure")
+    parser.add_argument("--workers", type=int, default=12, help="client threads (1..64)")
+    parser.add_argument(
+        "--faults",
+        default="",
+        help=f"comma-separated rotation, one a minute, from {', '.join(FAULTS)}\n"
+        f"(default postgres: {','.join(ROTATION['postgres'])};\n"
+        f" embedded: {','.join(ROTATION['embedded'])})",
+    )
+    parser.add_argument(
+        "--fault-seconds", type=float, default=12.0, help="how long each fault lasts (1..30)"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of the workers' choices")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra setting for the server (repeatable)",
+    )
+    parser.add_argument("--keep-logs", type=Path, help="copy the logs to this folder")
+    parser.add_argument(
+        "--server",
+        type=Path,
+        default=ROOT / "cloudchat.py",
+        help="the server module to run (schema.sql beside it)",
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.minutes <= 120 or not 1 <= args.workers <= 64:
+        parser.error("keep --minutes in 1..120 and --workers in 1..64")
+    if not 1 <= args.fault_seconds <= 30:
+        parser.error("keep --fault-seconds in 1..30")
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()] or list(ROTATION[args.setup])
+    unknown = set(faults) - set(FAULTS)
+    if unknown:
+        parser.error(f"unknown fault(s) {', '.join(sorted(unknown))}; use {', '.join(FAULTS)}")
+    if args.setup == "embedded" and set(faults) & set(STORAGE_FAULTS):
+        parser.error(f"setup embedded has no Redis or PostgreSQL to break: {STORAGE_FAULTS}")
+    args.faults = faults
+    extra = {}
+    for item in args.env:
+        name, equals, value = item.partition("=")
+        if not equals or not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            parser.error(f"--env {item!r} is not NAME=VALUE")
+        extra[name] = value
+    args.env = extra
+    return args
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start everything, run the minutes, report, clean up."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    started = dt.datetime.now(dt.UTC)
+    soak = Soak(args)
+    box = harness.machine()
+    print(
+        f"CloudChat soak, setup {args.setup}, {args.minutes} minute(s), {args.workers} workers,"
+        f" faults {','.join(args.faults)} ({args.fault_seconds:g} s at {FAULT_AT:g} s into each"
+        f" minute); {box['nproc']} x {box['cpu_model']}, Python {box['python']}, load average"
+        f" at start {box['loadavg_at_start'][0]:.2f}; MB = MiB",
+        flush=True,
+    )
+    log_facts: dict[str, Any] = {}
+    try:
+        soak.start()
+        code = soak.identity
+        print(
+            f"server {code['path']} sha256 {code['sha256'][:12]}, git"
+            f" {code.get('git_head', '?')[:12]}"
+            f"{' + local edits' if code.get('cloudchat_py_modified') else ''}",
+            flush=True,
+        )
+        try:
+            soak.run()
+        except KeyboardInterrupt:
+            soak.flags.append("interrupted: the figures stop at the last whole minute")
+            say("interrupted: stopping and cleaning up")
+        log_facts = soak.finish()
+    finally:
+        soak.close()
+    verdict = soak.verdict()
+    print()
+    print(render_table(soak))
+    print()
+    print(render_verdict(verdict, log_facts))
+    out = args.json or BENCH / "results" / f"soak-{args.setup}-{started:%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in soak.env.items() if k not in ("PATH", "LANG")}
+    monitor = soak.monitor.samples if soak.monitor else []
+    out.write_text(
+        json.dumps(
+            {
+                "meta": {
+                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                    "setup": args.setup,
+                    "minutes": args.minutes,
+                    "workers": args.workers,
+                    "faults": args.faults,
+                    "fault_seconds": args.fault_seconds,
+                    "fault_at_s": FAULT_AT,
+                    "quiet_at_s": QUIET_AT,
+                    "client_timeout_s": CLIENT_TIMEOUT,
+                    "grace_s": GRACE,
+                    "weights": WEIGHTS,
+                    "seed": args.seed,
+                    "server_settings": settings,
+                    "server": soak.identity,
+                    "machine": box,
+                    "started": started.isoformat(timespec="seconds"),
+                },
+                "before_traffic": soak.start_sample,
+                "minutes": soak.minutes,
+                "verdict": verdict,
+                "server_log": log_facts,
+                "probe_samples": [[m, round(a, 2), o, round(t, 1)] for m, a, o, t in monitor],
+            },
+            indent=1,
+        )
+    )
+    print(f"figures written to {out}")
+    return 1 if verdict["flags"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
