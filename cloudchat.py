@@ -1886,16 +1886,18 @@ def open_chat_stream(
             conn, reused = pool.take(url)
         except OSError as exc:
             raise ProviderError(provider.name, "network", f"connect failed: {exc}") from exc
+        sent_at = time.monotonic()
         try:
             conn.request("POST", url.path, body, headers)
             response = conn.getresponse()
             break
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
+            # A kept-alive connection the provider had already closed fails at once: try
+            # once more on a fresh one. A timeout, or a close after the provider held the
+            # request a while, means it had the request: sending it again would bill twice.
             stale = isinstance(exc, (http.client.RemoteDisconnected, ConnectionError))
-            if reused and stale and attempt == 1:
-                # A kept-alive connection the provider had closed: once more, fresh. Not
-                # after a timeout: the provider has the request and is slow, not gone.
+            if reused and stale and attempt == 1 and time.monotonic() - sent_at < 0.5:
                 continue
             raise ProviderError(provider.name, "network", f"no answer: {exc!r}") from exc
     if response.status != 200:
@@ -2779,6 +2781,14 @@ class CloudChatHandler(gevent.pywsgi.WSGIHandler):
 
     def log_request(self) -> None:
         """Nothing: CloudChatApp writes the one log line per request."""
+
+    def log_error(self, msg: str, *args: Any) -> None:
+        """A client's malformed or too slow request: one INFO line, not an ERROR per scanner."""
+        try:
+            message = msg % args if args else msg
+        except (TypeError, ValueError):
+            message = msg
+        log.info("client error: %s", _escape(str(message)))
 
     def get_environ(self) -> dict[str, Any]:
         if self._header_timer is not None:

@@ -79,6 +79,7 @@ class Reply:
     delay: float = 0.0  # pause after each content token
     gate: threading.Event | None = None  # waited on after the first content token
     gate_keepalive: float = 0.0  # while waiting on the gate, a keep-alive comment this often
+    hold: float = HANG_LIMIT  # "hang": seconds before the connection is closed unanswered
 
     def __post_init__(self) -> None:
         """Refuse unknown modes early."""
@@ -490,7 +491,7 @@ class FakeProvider:
     def _answer(self, conn: Connection, request: Recorded, reply: Reply) -> bool:
         """Answer one request as scripted; True when the connection can serve another."""
         if reply.mode == "hang":
-            self.pause(conn, HANG_LIMIT)
+            self.pause(conn, reply.hold)
             return False
         if reply.status != 200:
             return self._answer_error(conn, reply)

@@ -914,3 +914,17 @@ def test_provider_faults_leave_no_greenlet_or_socket_behind(
     assert after["connections"] <= 1, after  # only the stats poll itself, if anything
     # Idle provider connections are kept (at most 4 per host); nothing else piles up.
     assert after["open_fds"] <= baseline["open_fds"] + 3, (baseline, after)
+
+
+def test_provider_closing_a_held_request_is_not_asked_again(
+    make_server: ServerFactory, fake: FakeProvider
+) -> None:
+    """A reused connection the provider closes after holding the request: no resend."""
+    server = make_server.start("embedded", chat_env(fake, CHAT_READ_TIMEOUT="10"))
+    client = server.client()
+    say(server, client, "warm-up")  # the next request goes out on the kept-alive connection
+    sent = len(fake.requests)
+    fake.script(Reply(mode="hang", hold=1.5))
+    result = chat(server, client, "held")
+    assert result.status in (502, 503), result.lines
+    assert len(fake.requests) == sent + 1  # asked once, not twice

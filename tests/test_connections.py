@@ -144,3 +144,16 @@ def test_declared_huge_body_is_refused_without_draining(make_server: ServerFacto
         answer = _read_all(client, 10)
         assert time.monotonic() - started < 5
     assert answer.startswith(b"HTTP/1.1 413"), answer
+
+
+def test_client_errors_are_quiet_info_lines(make_server: ServerFactory) -> None:
+    """A scanner's bad or slow request is one INFO line, not an ERROR with a socket repr."""
+    server = make_server.start("embedded", {"HEADER_TIMEOUT": "1"})
+    assert _exchange(server.port, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400")
+    with socket.create_connection(("127.0.0.1", server.port)) as slow:
+        slow.sendall(b"GET /test HTTP/1.1\r\nHost: x\r\n")
+        assert _read_all(slow, 10).startswith(b"HTTP/1.1 400")
+    wait_until(lambda: server.log_text().count("client error:") >= 2, 10, what="two lines")
+    client_lines = [line for line in server.logs if "client error:" in line]
+    assert all(" INFO " in line and "socket" not in line for line in client_lines), client_lines
+    assert " ERROR " not in server.log_text()
