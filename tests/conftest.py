@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from tests.fakeprovider import FakeProvider
 from tests.helpers import HIGH_LIMITS, SCHEMA, Server, base_env, random_hex, run_cli
 
 PG_HOST = "127.0.0.1"
@@ -267,3 +268,21 @@ def server(
         yield factory.start(request.param, HIGH_LIMITS)
     finally:
         factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[FakeProvider]:
+    """One loopback fake model provider per test module; cleared per test by `fake`."""
+    fake = FakeProvider()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def fake(provider: FakeProvider) -> Iterator[FakeProvider]:
+    """The module's fake provider with no script and no recorded request."""
+    provider.clear()
+    yield provider
+    provider.clear()

@@ -159,7 +159,11 @@ class SilentTcpServer:
                 continue
             except OSError:
                 return
-            self.accepted.append(conn)
+            self._took(conn)
+
+    def _took(self, conn: socket.socket) -> None:
+        """Keep an accepted connection open (a hung peer)."""
+        self.accepted.append(conn)
 
     def close(self) -> None:
         """Stop accepting and close every connection."""

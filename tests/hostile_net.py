@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tests.helpers import Server, wait_until
+from tests.helpers import Server, SilentTcpServer, wait_until
 
 STATS_RE = re.compile(r"(\w+)=(-?\d+)")
 
@@ -24,38 +24,13 @@ def server_stats(server: Server) -> dict[str, int]:
     return {key: int(value) for key, value in STATS_RE.findall(line.split(" stats ", 1)[1])}
 
 
-class ClosingTcpServer:
+class ClosingTcpServer(SilentTcpServer):
     """A loopback TCP server that accepts each connection and closes it at once, unanswered."""
 
-    def __init__(self) -> None:
-        """Listen on an ephemeral loopback port and accept in a background thread."""
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.port: int = self.sock.getsockname()[1]
-        self.accepted = 0
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        """Accept and drop connections until closed."""
-        while not self._closing.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        """Stop accepting."""
-        self._closing.set()
-        self._thread.join(5)
-        self.sock.close()
+    def _took(self, conn: socket.socket) -> None:
+        """Hang up at once; the closed socket is kept only to be counted."""
+        conn.close()
+        self.accepted.append(conn)
 
 
 @dataclass

@@ -57,24 +57,6 @@ def chat_env(provider: FakeProvider, **extra: str) -> dict[str, str | None]:
     }
 
 
-@pytest.fixture(scope="module")
-def provider() -> Iterator[FakeProvider]:
-    """One fake provider for the module; cleared per test by `fake`."""
-    fake = FakeProvider()
-    try:
-        yield fake
-    finally:
-        fake.stop()
-
-
-@pytest.fixture
-def fake(provider: FakeProvider) -> Iterator[FakeProvider]:
-    """The module's fake provider with no script and no recorded request."""
-    provider.clear()
-    yield provider
-    provider.clear()
-
-
 @pytest.fixture(scope="module", params=SETUPS)
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, provider: FakeProvider

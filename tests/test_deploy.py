@@ -201,24 +201,6 @@ def curl_bin() -> str:
 
 
 @pytest.fixture(scope="module")
-def provider() -> Iterator[FakeProvider]:
-    """A loopback model provider both servers stream from."""
-    fake = FakeProvider()
-    try:
-        yield fake
-    finally:
-        fake.stop()
-
-
-@pytest.fixture
-def fake(provider: FakeProvider) -> Iterator[FakeProvider]:
-    """The module's provider with no script and nothing recorded."""
-    provider.clear()
-    yield provider
-    provider.clear()
-
-
-@pytest.fixture(scope="module")
 def database(pg: PgDatabases) -> Iterator[tuple[str, str, str]]:
     """(role, password, database) as deploy/README.md makes them: a SCRAM role, its database."""
     role, password = f"cc_deploy_{random_hex(4)}", strong_password()
