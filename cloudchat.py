@@ -160,6 +160,7 @@ class Config:
     app_session_cookie_name: str = "cc_app"
     cookie_secure: bool = False
     session_ttl: int = 604800
+    session_cache_seconds: int = 60
     trusted_proxies: tuple[Any, ...] = ()
     max_body_bytes: int = 65536
     argon2_time_cost: int = ARGON2_DEFAULT_TIME_COST
@@ -233,6 +234,7 @@ class Config:
             app_session_cookie_name=read.text("APP_SESSION_COOKIE_NAME", "cc_app"),
             cookie_secure=read.flag("COOKIE_SECURE", False),
             session_ttl=read.integer("SESSION_TTL_SECONDS", 604800, 60, 31536000),
+            session_cache_seconds=read.integer("SESSION_CACHE_SECONDS", 60, 1, 86400),
             trusted_proxies=read.networks("TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 65536, 1024, 16 * 1024 * 1024),
             argon2_time_cost=read.integer("ARGON2_TIME_COST", ARGON2_DEFAULT_TIME_COST, 1, 100),
@@ -941,14 +943,22 @@ def insert_session(
         )
 
 
-def get_live_session(sql: SqlStore, id_hash: str) -> tuple[int, dt.datetime] | None:
-    """(user id, expiry) of an unrevoked, unexpired session, or None."""
+def get_live_session_user(sql: SqlStore, id_hash: str) -> tuple[dict[str, Any], dt.datetime] | None:
+    """(user, expiry) of an unrevoked, unexpired session, or None; the user may be inactive."""
     row = sql.one(
-        "SELECT user_id, expires_at FROM sessions"
-        " WHERE id_hash = %s AND revoked_at IS NULL AND expires_at > %s",
+        f"SELECT {_USER_COLUMNS}, s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id"
+        " WHERE s.id_hash = %s AND s.revoked_at IS NULL AND s.expires_at > %s",
         (id_hash, utcnow()),
     )
-    return (int(row[0]), as_datetime(row[1])) if row else None
+    return (_user_from_row(row), as_datetime(row[6])) if row else None
+
+
+def set_user_active(sql: SqlStore, email: str, active: bool) -> int | None:
+    """Mark the account with this (normalised) email active or not; its id, or None."""
+    row = sql.one(
+        "UPDATE users SET is_active = %s WHERE lower(email) = %s RETURNING id", (active, email)
+    )
+    return int(row[0]) if row else None
 
 
 def mark_session_revoked(sql: SqlStore, id_hash: str) -> None:
@@ -1019,6 +1029,9 @@ def consume_reset_token(sql: SqlStore, id_hash: str, password_hash: str) -> int 
 class KeyValueStore:
     """The few Redis commands CloudChat needs, with errors as StoreUnavailable."""
 
+    # Whether other processes (more instances, the command line) see the same keys.
+    shared = False
+
     def get(self, key: str) -> str | None:
         """The value of a key, or None."""
         raise NotImplementedError
@@ -1053,6 +1066,8 @@ class KeyValueStore:
 
 class RedisStore(KeyValueStore):
     """Redis through a bounded connection pool; every key carries the configured prefix."""
+
+    shared = True
 
     def __init__(self, url: str, prefix: str, timeout: float, pool_size: int) -> None:
         self._prefix = prefix
@@ -1383,54 +1398,82 @@ def _session_cache_key(id_hash: str) -> str:
     return f"sess:{id_hash}"
 
 
+# What a cached session holds: the user's public fields, so that a request with a cached
+# session costs one Redis GET and no SQL. Only active users are cached.
+_CACHED_USER_FIELDS = ("id", "uid", "email", "phone", "display_name")
+
+
+def _cache_session(
+    cfg: Config, kv: KeyValueStore, id_hash: str, user: dict[str, Any], expires_at: dt.datetime
+) -> None:
+    """Cache a live session of an active user for at most SESSION_CACHE_SECONDS.
+
+    Only a shared store (Redis) caches: an in-process cache could not hear of a revocation
+    made by another process, and SQLite in the same process answers about as fast. The
+    bound is how long a change made straight in SQL (not through CloudChat, which evicts)
+    can take to reach a live session.
+    """
+    ttl = min(cfg.session_cache_seconds, int((expires_at - utcnow()).total_seconds()))
+    if not kv.shared or ttl <= 0:
+        return
+    value = json.dumps({name: user[name] for name in _CACHED_USER_FIELDS}, separators=(",", ":"))
+    try:
+        kv.set(_session_cache_key(id_hash), value, ttl)
+    except StoreUnavailable as exc:
+        log.warning("session cache not filled: %s", exc)
+
+
+def _user_from_cache(value: str) -> dict[str, Any] | None:
+    """The user a cached session holds; None for anything else (an older format, say)."""
+    try:
+        cached = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(cached, dict) or not all(name in cached for name in _CACHED_USER_FIELDS):
+        return None
+    return {**{name: cached[name] for name in _CACHED_USER_FIELDS}, "is_active": True}
+
+
 def create_session(
-    sql: SqlStore, kv: KeyValueStore, cfg: Config, user_id: int, user_agent: str, ip: str
+    sql: SqlStore, kv: KeyValueStore, cfg: Config, user: dict[str, Any], user_agent: str, ip: str
 ) -> str:
-    """Start a session: durable row, warm cache entry; return the id for the cookie."""
+    """Start a session for an active user: durable row, warm cache; return the cookie's id."""
     token = new_token()
     id_hash = token_hash(token)
+    expires_at = utcnow() + dt.timedelta(seconds=cfg.session_ttl)
     insert_session(
         sql,
         id_hash,
-        user_id,
+        user["id"],
         # Client-written: no control characters (PostgreSQL refuses NUL), bounded length.
         "".join(c for c in user_agent[:256] if c.isprintable()),
         ip,
-        utcnow() + dt.timedelta(seconds=cfg.session_ttl),
+        expires_at,
     )
-    try:
-        kv.set(_session_cache_key(id_hash), str(user_id), cfg.session_ttl)
-    except StoreUnavailable as exc:
-        log.warning("session cache not warmed: %s", exc)
+    _cache_session(cfg, kv, id_hash, user, expires_at)
     return token
 
 
-def get_session_user_id(sql: SqlStore, kv: KeyValueStore, token: str) -> int | None:
-    """The user id of a live session, from the cache or else from SQL; None if not live."""
+def get_session_user(
+    sql: SqlStore, kv: KeyValueStore, cfg: Config, token: str
+) -> dict[str, Any] | None:
+    """The active user of a live session: from the cache, else from SQL; None otherwise."""
     id_hash = token_hash(token)
-    try:
-        cached = kv.get(_session_cache_key(id_hash))
-    except StoreUnavailable as exc:
-        log.warning("session cache unavailable, reading SQL: %s", exc)
-        return _session_from_sql(sql, None, id_hash)
-    if cached is not None:
-        return int(cached)
-    return _session_from_sql(sql, kv, id_hash)
-
-
-def _session_from_sql(sql: SqlStore, kv: KeyValueStore | None, id_hash: str) -> int | None:
-    found = get_live_session(sql, id_hash)
-    if found is None:
+    if kv.shared:
+        try:
+            cached = kv.get(_session_cache_key(id_hash))
+        except StoreUnavailable as exc:
+            log.warning("session cache unavailable, reading SQL: %s", exc)
+            cached = None
+        user = _user_from_cache(cached) if cached is not None else None
+        if user is not None:
+            return user
+    found = get_live_session_user(sql, id_hash)
+    if found is None or not found[0]["is_active"]:
         return None
-    user_id, expires_at = found
-    if kv is not None:
-        ttl = int((expires_at - utcnow()).total_seconds())
-        if ttl > 0:
-            try:
-                kv.set(_session_cache_key(id_hash), str(user_id), ttl)
-            except StoreUnavailable as exc:
-                log.warning("session cache not refilled: %s", exc)
-    return user_id
+    user, expires_at = found
+    _cache_session(cfg, kv, id_hash, user, expires_at)
+    return user
 
 
 def revoke_session(sql: SqlStore, kv: KeyValueStore, token: str) -> None:
@@ -2261,11 +2304,7 @@ def auth_token(cfg: Config) -> str | None:
 def current_user(s: Services) -> dict[str, Any] | None:
     """The active user of the request's session, or None."""
     token = auth_token(s.cfg)
-    user_id = get_session_user_id(s.sql, s.kv, token) if token else None
-    if user_id is None:
-        return None
-    user = get_user_by_id(s.sql, user_id)
-    return user if user and user["is_active"] else None
+    return get_session_user(s.sql, s.kv, s.cfg, token) if token else None
 
 
 def login_required(s: Services) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -2378,7 +2417,7 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
             # Never keep a session id from before the login (fixation): end it.
             revoke_session(s.sql, s.kv, previous)
         user_agent = bottle.request.environ.get("HTTP_USER_AGENT", "")
-        token = create_session(s.sql, s.kv, cfg, user["id"], user_agent, ip)
+        token = create_session(s.sql, s.kv, cfg, user, user_agent, ip)
         _set_auth_cookie(cfg, token, cfg.session_ttl)
         return {"ok": True}
 
@@ -2974,8 +3013,34 @@ def initdb(cfg: Config) -> int:
     return 0
 
 
+def set_account_active(cfg: Config, address: str, active: bool) -> int:
+    """Command line: (de)activate an account; deactivation ends its live sessions at once."""
+    email = normalize_email(address)
+    if email is None:
+        print(f"cloudchat: not an email address: {address!r}", file=sys.stderr)
+        return 1
+    sql, kv = open_sql_store(cfg), open_kv_store(cfg)
+    try:
+        user_id = set_user_active(sql, email, active)
+        if user_id is None:
+            print(f"cloudchat: no account with the email {address!r}", file=sys.stderr)
+            return 1
+        # Through CloudChat rather than a bare UPDATE: the cached sessions go too, so the
+        # account's next request is refused instead of up to SESSION_CACHE_SECONDS later.
+        ended = 0 if active else revoke_user_sessions(sql, kv, user_id)
+    except StoreUnavailable as exc:
+        print(f"cloudchat: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        kv.close()
+        sql.close()
+    state = "active" if active else f"inactive, {ended} live session(s) ended"
+    print(f"account {user_id} is {state}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: serve (default) or initdb."""
+    """Command line: serve (default), initdb, deactivate or activate."""
     parser = argparse.ArgumentParser(
         prog="cloudchat.py",
         description="CloudChat server. Settings come from environment variables"
@@ -2985,12 +3050,16 @@ def main(argv: list[str] | None = None) -> int:
         "command",
         nargs="?",
         default="serve",
-        choices=("serve", "initdb"),
+        choices=("serve", "initdb", "deactivate", "activate"),
         help="serve: run the HTTP server on HOST:PORT (default). initdb: create or update"
         " the tables in DATABASE_URL's PostgreSQL (from schema.sql) or in the SQLite file"
-        " CLOUDCHAT_DB_PATH; safe to run again.",
+        " CLOUDCHAT_DB_PATH; safe to run again. deactivate EMAIL: refuse the account's"
+        " logins and end its sessions at once. activate EMAIL: allow it again.",
     )
+    parser.add_argument("email", nargs="?", help="the account, for deactivate and activate")
     args = parser.parse_args(argv)
+    if (args.command in ("deactivate", "activate")) != (args.email is not None):
+        parser.error("deactivate and activate take an email address; other commands none")
     try:
         cfg = Config.from_env(os.environ)
     except UnsafeConfigError as exc:
@@ -3006,6 +3075,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "initdb":
         return initdb(cfg)
+    if args.command in ("deactivate", "activate"):
+        return set_account_active(cfg, args.email, args.command == "activate")
     return serve(cfg)
 
 

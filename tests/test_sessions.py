@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -49,6 +50,28 @@ def test_sessions_survive_redis_flushdb(pg_server: Server, redis_db: RedisDb) ->
     replay.cookies["cc_auth"] = old
     assert replay.me().status == 401
     assert other.me().status == 200
+
+
+def test_cached_session_lives_at_most_session_cache_seconds(
+    make_server: ServerFactory, redis_db: RedisDb
+) -> None:
+    """The cache entry holds the user's public fields for SESSION_CACHE_SECONDS, no secret;
+    an entry in another shape (an older release's plain user id) is refilled from SQL."""
+    srv = make_server.start("postgres", {"SESSION_CACHE_SECONDS": "30"})
+    client, email, password = register_and_login(srv, display_name="Cached")
+    me = client.me().json()["user"]
+    prefix = srv.env["REDIS_KEY_PREFIX"]
+    (key,) = [k.decode() for k in redis_db.client.scan_iter(match=f"{prefix}sess:*")]
+    assert 0 < redis_db.client.ttl(key) <= 30
+    cached = json.loads(redis_db.client.get(key))
+    assert cached == {name: me[name] for name in ("id", "uid", "email", "phone", "display_name")}
+    raw = redis_db.client.get(key).decode()
+    assert client.cookies["cc_auth"] not in raw and password not in raw
+    redis_db.client.set(key, str(me["id"]), ex=30)  # the format before this release
+    assert client.me().json()["user"] == me
+    assert json.loads(redis_db.client.get(key)) == cached
+    redis_db.client.set(key, "{not json", ex=30)
+    assert client.me().json()["user"] == me
 
 
 def test_revoke_user_sessions_ends_all_of_them_at_once(

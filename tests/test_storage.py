@@ -19,6 +19,7 @@ from tests.helpers import (
     random_email,
     random_phone,
     register_and_login,
+    run_cli,
     strong_password,
     wait_until,
 )
@@ -65,14 +66,50 @@ def _concurrently(count: int, action: Callable[[int], Response]) -> list[Respons
         return [future.result(timeout=30) for future in futures]
 
 
-def test_inactive_account_gets_the_uniform_401(server: Server, query: Query) -> None:
-    """A deactivated account cannot log in, and its live session stops working."""
+def test_deactivate_ends_live_sessions_at_once(server: Server) -> None:
+    """`cloudchat.py deactivate` refuses logins and ends a live (cached) session at once."""
     client, email, password = register_and_login(server)
-    query(server, "UPDATE users SET is_active = false WHERE email = %s", (email,))
+    other, _, _ = register_and_login(server)
+    assert client.me().status == 200  # the session is now in the cache, where there is one
+    done = run_cli(["deactivate", email.upper()], server.env, server.workdir)
+    assert done.returncode == 0, done.stderr
+    assert "1 live session(s) ended" in done.stdout
     assert client.me().json() == UNAUTHORIZED
     response = server.client().login(email, password)
     assert response.status == 401
     assert response.json() == INVALID_CREDENTIALS
+    assert other.me().status == 200
+    done = run_cli(["activate", email], server.env, server.workdir)
+    assert done.returncode == 0, done.stderr
+    assert server.client().login(email, password).status == 200
+    assert client.me().json() == UNAUTHORIZED  # ended sessions stay ended
+
+
+def test_deactivate_names_an_unknown_account(server: Server) -> None:
+    """The command says so, with exit code 1, for an address without an account."""
+    done = run_cli(["deactivate", random_email()], server.env, server.workdir)
+    assert done.returncode == 1
+    assert "no account" in done.stderr
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_deactivation_in_sql_reaches_live_sessions(
+    make_server: ServerFactory, query: Query, setup: str
+) -> None:
+    """An account deactivated straight in SQL: logins fail at once; a live session ends
+    within SESSION_CACHE_SECONDS with Redis, at once with the embedded store."""
+    server = make_server.start(setup, {"SESSION_CACHE_SECONDS": "1"})
+    client, email, password = register_and_login(server)
+    assert client.me().status == 200
+    query(server, "UPDATE users SET is_active = false WHERE email = %s", (email,))
+    response = server.client().login(email, password)
+    assert response.status == 401
+    assert response.json() == INVALID_CREDENTIALS
+    if setup == "embedded":
+        assert client.me().json() == UNAUTHORIZED
+    else:
+        wait_until(lambda: client.me().status == 401, timeout=5, what="the session to end")
+    assert client.me().json() == UNAUTHORIZED
 
 
 @pytest.mark.parametrize("setup", SETUPS)
