@@ -60,7 +60,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import argon2
@@ -1044,12 +1044,15 @@ class KeyValueStore:
         """Delete keys; return how many existed."""
         raise NotImplementedError
 
-    def hit(self, key: str, window: int) -> tuple[int, int]:
-        """Count one event in a fixed window that starts at the first; (count, seconds left)."""
-        raise NotImplementedError
+    def hit_many(
+        self, windows: Sequence[tuple[str, int]], read_list: tuple[str, int] | None = None
+    ) -> tuple[list[tuple[int, int]], list[str]]:
+        """Count one event in each fixed window (key, seconds), which starts at its first.
 
-    def read_list(self, key: str, ttl: int) -> list[str]:
-        """Every item of a list, oldest first; its expiry is pushed `ttl` seconds out."""
+        Returns (count, seconds left) per window, in order; and, with read_list=(key, ttl),
+        every item of that list, oldest first, its expiry pushed ttl seconds out (else []).
+        All in one round trip: a request's limits cost one wait, not one each.
+        """
         raise NotImplementedError
 
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
@@ -1108,26 +1111,26 @@ class RedisStore(KeyValueStore):
         with self._errors():
             return int(self._client.delete(*(self._prefix + key for key in keys)))
 
-    def hit(self, key: str, window: int) -> tuple[int, int]:
-        full = self._prefix + key
-        with self._errors():
-            # SET NX EX creates the window with its expiry; INCR keeps that expiry. In one
-            # MULTI, so a crash between the two can never leave a counter without a TTL.
-            pipe = self._client.pipeline(transaction=True)
-            pipe.set(full, 0, ex=window, nx=True)
-            pipe.incr(full)
-            pipe.ttl(full)
-            _, count, ttl = pipe.execute()
-        return int(count), max(1, int(ttl))
-
-    def read_list(self, key: str, ttl: int) -> list[str]:
-        full = self._prefix + key
+    def hit_many(
+        self, windows: Sequence[tuple[str, int]], read_list: tuple[str, int] | None = None
+    ) -> tuple[list[tuple[int, int]], list[str]]:
         with self._errors():
             pipe = self._client.pipeline(transaction=True)
-            pipe.lrange(full, 0, -1)
-            pipe.expire(full, ttl)
-            items, _ = pipe.execute()
-        return list(items)
+            for key, window in windows:
+                # SET NX EX creates the window with its expiry; INCR keeps that expiry. In
+                # one MULTI, so a crash between the two never leaves a counter without TTL.
+                full = self._prefix + key
+                pipe.set(full, 0, ex=window, nx=True)
+                pipe.incr(full)
+                pipe.ttl(full)
+            if read_list is not None:
+                pipe.lrange(self._prefix + read_list[0], 0, -1)
+                pipe.expire(self._prefix + read_list[0], read_list[1])
+            replies = pipe.execute()
+        counts = [
+            (int(replies[3 * i + 1]), max(1, int(replies[3 * i + 2]))) for i in range(len(windows))
+        ]
+        return counts, list(replies[3 * len(windows)]) if read_list is not None else []
 
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
         full = self._prefix + key
@@ -1188,23 +1191,26 @@ class MemoryStore(KeyValueStore):
         with self._lock:
             return sum(1 for key in keys if self._live(key, now) and self._data.pop(key))
 
-    def hit(self, key: str, window: int) -> tuple[int, int]:
+    def hit_many(
+        self, windows: Sequence[tuple[str, int]], read_list: tuple[str, int] | None = None
+    ) -> tuple[list[tuple[int, int]], list[str]]:
         now = time.monotonic()
+        counts = []
+        items: list[str] = []
         with self._lock:
-            entry = self._live(key, now)
-            count, deadline = (1, now + window) if entry is None else (entry[0] + 1, entry[1])
-            self._data[key] = (count, deadline)
-            self._wrote(now)
-        return count, max(1, math.ceil(deadline - now))
-
-    def read_list(self, key: str, ttl: int) -> list[str]:
-        now = time.monotonic()
-        with self._lock:
-            entry = self._live(key, now)
-            if entry is None:
-                return []
-            self._data[key] = (entry[0], now + ttl)
-            return list(entry[0])
+            for key, window in windows:
+                entry = self._live(key, now)
+                count, deadline = (1, now + window) if entry is None else (entry[0] + 1, entry[1])
+                self._data[key] = (count, deadline)
+                self._wrote(now)
+                counts.append((count, max(1, math.ceil(deadline - now))))
+            if read_list is not None:
+                key, ttl = read_list
+                entry = self._live(key, now)
+                if entry is not None:
+                    self._data[key] = (entry[0], now + ttl)
+                    items = list(entry[0])
+        return counts, items
 
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
         now = time.monotonic()
@@ -1355,12 +1361,33 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def over_rate_limit(kv: KeyValueStore, rule: RateLimit, action: str, key: str) -> int | None:
-    """Count an attempt; seconds until the window reopens if over the limit, else None."""
-    # Keys are hashed so that emails and addresses never sit in the key space in clear.
-    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    count, retry_after = kv.hit(f"rl:{action}:{digest}", rule.window)
-    return retry_after if count > rule.limit else None
+# One rate-limited attempt: (rule, action, whose: an address, an email, a visitor id).
+LimitCheck = tuple[RateLimit, str, str]
+
+
+def rate_limit_windows(checks: Sequence[LimitCheck]) -> list[tuple[str, int]]:
+    """The key-value store's (key, window) for each check."""
+    windows = []
+    for rule, action, whose in checks:
+        # Hashed, so that emails and addresses never sit in the key space in clear.
+        digest = hashlib.sha256(whose.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        windows.append((f"rl:{action}:{digest}", rule.window))
+    return windows
+
+
+def seconds_until_allowed(
+    checks: Sequence[LimitCheck], counts: Sequence[tuple[int, int]]
+) -> int | None:
+    """Seconds until every exceeded limit reopens; None when no limit is exceeded."""
+    pairs = zip(checks, counts, strict=True)
+    waits = [left for (rule, _, _), (count, left) in pairs if count > rule.limit]
+    return max(waits) if waits else None
+
+
+def over_rate_limits(kv: KeyValueStore, checks: Sequence[LimitCheck]) -> int | None:
+    """Count an attempt against every check, in one round trip; seconds to wait, or None."""
+    counts, _ = kv.hit_many(rate_limit_windows(checks))
+    return seconds_until_allowed(checks, counts)
 
 
 def client_ip(environ: Mapping[str, Any], trusted: tuple[Any, ...]) -> str:
@@ -1715,6 +1742,8 @@ class Mailer:
 # A stream longer than this without a line break is not SSE: give up instead of buffering.
 _SSE_MAX_LINE = 1024 * 1024
 _UPSTREAM_IDLE_PER_HOST = 4
+# How long a provider's resolved addresses are used before asking the resolver again.
+_UPSTREAM_DNS_SECONDS = 60.0
 
 
 class ProviderError(Exception):
@@ -1757,6 +1786,8 @@ class UpstreamPool:
         self._read_timeout = read_timeout
         self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
         self._tls = ssl.create_default_context()  # one CA store for every connection
+        self._addresses: dict[tuple[str, int], tuple[float, list[Any]]] = {}
+        self._resolving = threading.Lock()
 
     def take(self, url: urllib.parse.SplitResult) -> tuple[http.client.HTTPConnection, bool]:
         """A connection to the URL's host and whether it was reused."""
@@ -1775,6 +1806,9 @@ class UpstreamPool:
             )
         else:
             conn = http.client.HTTPConnection(key[1], key[2], timeout=self._connect_timeout)
+        # http.client's hook for opening the socket (it wraps TLS around it afterwards):
+        # our addresses instead of a resolver call per connection.
+        conn._create_connection = self._open_socket  # type: ignore[attr-defined]
         try:
             conn.connect()
         except OSError:
@@ -1783,6 +1817,42 @@ class UpstreamPool:
         assert conn.sock is not None
         conn.sock.settimeout(self._read_timeout)  # from now on: the idle read timeout
         return conn, False
+
+    def _open_socket(
+        self, address: tuple[str, int], timeout: float, source_address: Any = None
+    ) -> socket.socket:
+        """A TCP connection to the first of the host's addresses that accepts one."""
+        error: OSError = OSError(f"no address for {address[0]}")
+        for family, kind, proto, _, sockaddr in self._resolve(*address):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error
+
+    def _resolve(self, host: str, port: int) -> list[Any]:
+        """The host's addresses: an IP literal as it is, a name from a cache of a minute.
+
+        gevent resolves in its thread pool: 500 visitors arriving at once would otherwise
+        queue 500 lookups of the same name there before their first token.
+        """
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+            return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+        with self._resolving:  # one lookup per name; the others wait for its answer
+            expires, found = self._addresses.get((host, port), (0.0, []))
+            if expires <= time.monotonic():
+                found = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+                self._addresses[(host, port)] = (time.monotonic() + _UPSTREAM_DNS_SECONDS, found)
+            return found
 
     def give_back(self, url: urllib.parse.SplitResult, conn: http.client.HTTPConnection) -> None:
         """Keep a connection whose response was read to the end, or close it."""
@@ -1976,19 +2046,26 @@ def _history_key(visitor: str) -> str:
     return f"chat:{token_hash(visitor)[:32]}"
 
 
-def load_history(kv: KeyValueStore, cfg: Config, visitor: str) -> list[dict[str, str]]:
-    """The visitor's recent rounds as chat messages, oldest first; refreshes their expiry."""
-    if cfg.max_history == 0:
-        return []
+def count_chat_and_load_history(
+    kv: KeyValueStore, cfg: Config, checks: Sequence[LimitCheck], visitor: str
+) -> tuple[int | None, list[dict[str, str]]]:
+    """Count a chat request against its limits and read the visitor's recent rounds, in one
+    round trip: (seconds to wait if over a limit, else None; messages, oldest first)."""
+    counts, items = kv.hit_many(
+        rate_limit_windows(checks), read_list=(_history_key(visitor), cfg.chat_history_ttl)
+    )
+    wait = seconds_until_allowed(checks, counts)
+    if wait is not None or cfg.max_history == 0:
+        return wait, []
     messages = []
-    for item in kv.read_list(_history_key(visitor), cfg.chat_history_ttl):
+    for item in items:
         try:
             message = json.loads(item)
         except ValueError:
             continue
         if isinstance(message, dict) and message.get("role") in ("user", "assistant"):
             messages.append({"role": message["role"], "content": str(message.get("content"))})
-    return messages[-2 * cfg.max_history :]
+    return None, messages[-2 * cfg.max_history :]
 
 
 def save_round(kv: KeyValueStore, cfg: Config, visitor: str, question: str, answer: str) -> None:
@@ -2323,16 +2400,18 @@ def login_required(s: Services) -> Callable[[Callable[..., Any]], Callable[..., 
     return decorator
 
 
-def enforce_rate_limit(kv: KeyValueStore, rule: RateLimit, action: str, key: str) -> None:
-    """Count an attempt; 429 with Retry-After when over the limit."""
-    retry_after = over_rate_limit(kv, rule, action, key)
+def rate_limited(retry_after: int) -> ApiError:
+    """The 429 answer to an attempt over a rate limit."""
+    return ApiError(
+        429, "rate_limited", "Too many attempts, try again later", {"Retry-After": str(retry_after)}
+    )
+
+
+def enforce_rate_limits(kv: KeyValueStore, checks: Sequence[LimitCheck]) -> None:
+    """Count an attempt against every check; 429 with Retry-After when over any."""
+    retry_after = over_rate_limits(kv, checks)
     if retry_after is not None:
-        raise ApiError(
-            429,
-            "rate_limited",
-            "Too many attempts, try again later",
-            {"Retry-After": str(retry_after)},
-        )
+        raise rate_limited(retry_after)
 
 
 def parse_identifier(identifier: str) -> tuple[str | None, str | None]:
@@ -2344,9 +2423,11 @@ def parse_identifier(identifier: str) -> tuple[str | None, str | None]:
 
 def over_login_limits(s: Services, ip: str, identifier_key: str) -> bool:
     """Count a password attempt against the login limits (per IP, per identifier)."""
-    over_ip = over_rate_limit(s.kv, s.cfg.rate_login_ip, "login_ip", ip)
-    over_id = over_rate_limit(s.kv, s.cfg.rate_login_identifier, "login_id", identifier_key)
-    return over_ip is not None or over_id is not None
+    checks = [
+        (s.cfg.rate_login_ip, "login_ip", ip),
+        (s.cfg.rate_login_identifier, "login_id", identifier_key),
+    ]
+    return over_rate_limits(s.kv, checks) is not None
 
 
 INVALID_CREDENTIALS = ("invalid_credentials", "Invalid credentials")
@@ -2378,8 +2459,13 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
                 400, "invalid_input", f"Display name must be at most {DISPLAY_NAME_MAX} characters"
             )
         ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
-        enforce_rate_limit(s.kv, cfg.rate_register_ip, "register_ip", ip)
-        enforce_rate_limit(s.kv, cfg.rate_register_email, "register_email", email)
+        enforce_rate_limits(
+            s.kv,
+            [
+                (cfg.rate_register_ip, "register_ip", ip),
+                (cfg.rate_register_email, "register_email", email),
+            ],
+        )
         password_hash = s.hasher.hash(password)
         try:
             insert_user(s.sql, email, phone, display_name, password_hash)
@@ -2521,11 +2607,13 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
             raise ApiError(400, "invalid_input", "Identifier is required")
         email, phone = parse_identifier(identifier)
         ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
-        over_ip = over_rate_limit(s.kv, cfg.rate_forgot_ip, "forgot_ip", ip)
         key = email or phone or identifier.lower()
-        over_id = over_rate_limit(s.kv, cfg.rate_forgot_identifier, "forgot_id", key)
+        over = over_rate_limits(
+            s.kv,
+            [(cfg.rate_forgot_ip, "forgot_ip", ip), (cfg.rate_forgot_identifier, "forgot_id", key)],
+        )
         answer: dict[str, Any] = {"ok": True}
-        if over_ip is not None or over_id is not None:
+        if over is not None:
             log.info("password reset: over the rate limit, nothing sent")
         elif (email or phone) and cfg.debug_return_reset_token:
             token = issue_password_reset(s, email, phone)
@@ -2704,11 +2792,16 @@ def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
         visitor = visitor_id(create=True)
         assert visitor is not None
         ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
-        enforce_rate_limit(s.kv, cfg.rate_chat_visitor, "chat_visitor", visitor)
-        enforce_rate_limit(s.kv, cfg.rate_chat_ip, "chat_ip", ip)
+        checks = [
+            (cfg.rate_chat_visitor, "chat_visitor", visitor),
+            (cfg.rate_chat_ip, "chat_ip", ip),
+        ]
+        retry_after, history = count_chat_and_load_history(s.kv, cfg, checks, visitor)
+        if retry_after is not None:
+            raise rate_limited(retry_after)
         messages = [
             {"role": "system", "content": cfg.system_prompt},
-            *load_history(s.kv, cfg, visitor),
+            *history,
             {"role": "user", "content": message},
         ]
         stream, batches, first = start_chat(s, messages)

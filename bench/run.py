@@ -174,7 +174,7 @@ class Profiler:
         if self.folder is None or spy is None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        argv = [spy, "record", "--pid", str(self.pid), "--rate", "250", "--nonblocking"]
+        argv = [spy, "record", "--pid", str(self.pid), "--rate", "1000", "--nonblocking"]
         argv += ["--format", "raw", "-o", str(self.folder / f"{self.name}.txt")]
         self._proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

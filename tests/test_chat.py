@@ -621,6 +621,22 @@ def test_connection_refused_is_unreachable(make_server: ServerFactory, fake: Fak
     assert result.response.elapsed < 3, result.response.elapsed
 
 
+def test_provider_by_host_name(make_server: ServerFactory, fake: FakeProvider) -> None:
+    """A provider named by host name (resolved, then cached) streams like one by address;
+    an unknown name is 503 provider_unreachable."""
+    by_name = fake.url().replace("127.0.0.1", "localhost")
+    srv = make_server.start("embedded", chat_env(fake, DEEPSEEK_BASE_URL=by_name))
+    for text in ("first", "second"):
+        fake.script(Reply(deltas=[text]))
+        result = chat(srv, srv.client(), "hi")
+        assert result.response.status == 200, result.response
+        assert result.text == text
+    unknown = make_server.start(
+        "embedded", chat_env(fake, DEEPSEEK_BASE_URL="http://no-such-host.invalid")
+    )
+    assert_error(chat(unknown, unknown.client(), "hi").response, 503, "provider_unreachable")
+
+
 # -- fallback ---------------------------------------------------------------------------------
 
 DS_PATH = "/ds/chat/completions"

@@ -68,6 +68,17 @@ def test_register_limit_per_email(make_server: ServerFactory) -> None:
     assert srv.client().register(random_email(), strong_password()).status == 201
 
 
+@pytest.mark.parametrize("setup", SETUPS)
+def test_retry_after_waits_for_every_exceeded_limit(make_server: ServerFactory, setup: str) -> None:
+    """Over both register limits at once: Retry-After is the later of the two reopenings."""
+    srv = make_server.start(setup, {"RATE_REGISTER_IP": "1/600", "RATE_REGISTER_EMAIL": "1/3000"})
+    client, email = srv.client(), random_email()
+    assert client.register(email, strong_password()).status == 201
+    response = client.register(email, strong_password())
+    _assert_429(response)
+    assert 2990 <= int(response.header("Retry-After") or 0) <= 3000
+
+
 def test_login_limit_per_ip(make_server: ServerFactory) -> None:
     """Over the per-IP quota even the right password gets the uniform 401."""
     srv = make_server.start("embedded", {"RATE_LOGIN_IP": "3/600", "RATE_LOGIN_IDENTIFIER": HIGH})

@@ -58,7 +58,7 @@ def test_cached_session_lives_at_most_session_cache_seconds(
     """The cache entry holds the user's public fields for SESSION_CACHE_SECONDS, no secret;
     an entry in another shape (an older release's plain user id) is refilled from SQL."""
     srv = make_server.start("postgres", {"SESSION_CACHE_SECONDS": "30"})
-    client, email, password = register_and_login(srv, display_name="Cached")
+    client, _, password = register_and_login(srv, display_name="Cached")
     me = client.me().json()["user"]
     prefix = srv.env["REDIS_KEY_PREFIX"]
     (key,) = [k.decode() for k in redis_db.client.scan_iter(match=f"{prefix}sess:*")]
