@@ -15,6 +15,8 @@ key removed at the end). The model provider is bench/provider.py on loopback: 50
                 the server after start and after 1,000 GET /auth/me, in MB and x floor
     me          GET /auth/me (logged in) at 50 connections for 5 s (wrk)
     healthz     GET /auth/healthz at 50 connections for 5 s (wrk)
+                (either one first measures bench/bare_wsgi.py, a bare pywsgi app, the
+                same way: req/s are also given as a fraction of what it manages)
     register    registrations at concurrency 8 for 5 s
     login       logins at concurrency 16 for 5 s, with a GET /auth/healthz probe every
                 50 ms on its own connection: rate, latencies, RSS peak over the start
@@ -856,10 +858,14 @@ class Run:
             users = [f"bench-{self.tag}-u{i}@example.com" for i in range(LOGIN_USERS)]
             for email in users:
                 register_user(server.port, email)
+        if self.only & {"me", "healthz"}:
+            self._bare_reference()
         if "me" in self.only:
             self._http_load("me", "/auth/me", [f"Cookie: {cookie}"])
+            self.figures["me_ratio"] = self.figures["me_rps"] / self.figures["bare_rps"]
         if "healthz" in self.only:
             self._http_load("hz", "/auth/healthz", [])
+            self.figures["hz_ratio"] = self.figures["hz_rps"] / self.figures["bare_rps"]
         if "register" in self.only:
             self._register()
         if "login" in self.only:
@@ -900,6 +906,19 @@ class Run:
         # CPU per request: the figure least disturbed by whatever else the box is doing.
         self.figures[f"{prefix}_cpu_us"] = cpu / max(1, report["requests"]) * 1e6
         self.say(f"GET {path}: {report['rps']:.0f} req/s, p99 {report['p99_ms']:.1f} ms")
+
+    def _bare_reference(self) -> None:
+        """req/s of bench/bare_wsgi.py under the same load: what this box allows at all."""
+        bare = LoggedProcess(
+            [sys.executable, str(BENCH / "bare_wsgi.py")], dict(os.environ), self.workdir / "b.log"
+        )
+        try:
+            report = http_load(bare.port, "/", [], self.args.wrk, self.args.duration)
+        finally:
+            bare.stop()
+        self.details["bare"] = report
+        self.figures["bare_rps"] = report["rps"]
+        self.say(f"bare gevent WSGI app: {report['rps']:.0f} req/s")
 
     def _register(self) -> None:
         assert self.server is not None
@@ -1076,12 +1095,15 @@ start_mb            | 1. server RSS after start                       | MB    | 
 start_ratio         | 1.   after start / floor                        | x     | 2 |         | 2.85
 after_mb            | 1. server RSS after 1,000 GET /auth/me          | MB    | 1 |         | 130
 after_ratio         | 1.   after 1,000 requests / floor               | x     | 2 | <= 1.25 | 3.37
+bare_rps            | 2. bare gevent WSGI app (issue 6: 11,000)       | req/s | 0 |         |
 me_rps              | 2. GET /auth/me, 50 connections                 | req/s | 0 | >= 2500 | 556
+me_ratio            | 2.   /auth/me / bare app (2,500 / 11,000)       | x     | 2 | >= 0.23 |
 me_p50_ms           | 2.   p50                                        | ms    | 1 |         |
 me_p99_ms           | 2.   p99                                        | ms    | 1 |         | 362
 me_errors           | 2.   errors and non-2xx                         |       | 0 | <= 0    |
 me_cpu_us           | 2.   server CPU per request                     | us    | 0 |         |
 hz_rps              | 3. GET /auth/healthz, 50 connections            | req/s | 0 | >= 3000 | 781
+hz_ratio            | 3.   /auth/healthz / bare app (3,000 / 11,000)  | x     | 2 | >= 0.27 |
 hz_p50_ms           | 3.   p50                                        | ms    | 1 |         |
 hz_p99_ms           | 3.   p99                                        | ms    | 1 |         |
 hz_errors           | 3.   errors and non-2xx                         |       | 0 | <= 0    |
