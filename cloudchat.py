@@ -2950,7 +2950,7 @@ class NoDelayWSGIServer(gevent.pywsgi.WSGIServer):
         super().__init__(*args, **kwargs)
         self.client_timeout = cfg.client_timeout
         self.header_timeout = cfg.header_timeout
-        self.max_connections = cfg.max_connections or connections_the_fd_limit_allows()
+        self.max_connections = cfg.max_connections or connections_the_fd_limit_allows(cfg)
         self.connections = 0
 
     def handle(self, sock: socket.socket, address: Any) -> None:
@@ -2978,12 +2978,16 @@ class NoDelayWSGIServer(gevent.pywsgi.WSGIServer):
             self.connections -= 1
 
 
-def connections_the_fd_limit_allows() -> int:
+def connections_the_fd_limit_allows(cfg: Config) -> int:
     """Client connections that fit the open-file limit: each may hold a provider socket too."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 10_000
-    reserve = 64  # database and Redis pools, SQLite, logs, the listening socket
+    # What the process holds besides client and provider sockets: the pools at their
+    # fullest, and 32 for the listening socket, the event loop, logs, SQLite's files,
+    # the idle provider connections, mail and the thread pool.
+    reserve = (cfg.redis_pool_size if cfg.redis_url else 0) + 32
+    reserve += cfg.db_pool_size if cfg.database_url else 0
     return max(8, (soft - reserve) // 2)
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import http.client
+import re
+import resource
 import socket
 import time
+
+import pytest
 
 from tests.conftest import ServerFactory
 from tests.helpers import wait_until
@@ -77,6 +81,24 @@ def test_over_the_connection_limit_new_clients_get_503(make_server: ServerFactor
         10,
         what="service again once the held connections closed",
     )
+
+
+def test_connection_cap_leaves_room_for_the_pools(make_server: ServerFactory) -> None:
+    """Under a 1,024 open-file limit, the cap on client connections (each may hold a provider
+    socket) leaves room for the Redis and database pools at their fullest."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-file limit is {hard}, below 1,024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the server inherits it
+    try:
+        server = make_server.start("postgres", {"REDIS_POOL_SIZE": "200", "DB_POOL_SIZE": "20"})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    match = re.search(r"at most (\d+) client connections", server.log_text())
+    assert match, server.log_text()
+    cap = int(match.group(1))
+    assert 2 * cap + 200 + 20 + 16 <= 1024, cap
+    assert cap >= 350, cap
 
 
 def _exchange(port: int, raw: bytes) -> bytes:
