@@ -1874,6 +1874,105 @@ def _host_key(url: urllib.parse.SplitResult) -> tuple[str, str, int]:
     return url.scheme, url.hostname or "", port
 
 
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_CHUNK_LINE_MAX = 4096
+
+
+class ResponseBody:
+    """A provider's response body as it arrives: at each read, all that is in, de-chunked.
+
+    http.client's read1() stops at every chunk boundary, and providers send each event as
+    a chunk of its own: a loop that comes round to a stream and finds ten tokens waiting
+    would still write them to the visitor one system call each.
+    """
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self._fp = response.fp
+        self._chunked = response.chunked
+        self._left = response.length  # without chunking: bytes to come (None: until EOF)
+        self._pending = b""  # chunk framing not yet complete
+        self._in_chunk = 0  # data bytes left in the current chunk
+        self._after_chunk = False  # the CRLF that ends a chunk's data is due
+        self._in_trailers = False  # after the last chunk: trailer lines, then an empty one
+        self._broken: ValueError | None = None  # bad framing after data not yet returned
+        self.complete = False  # the body has been read to its very end
+
+    @property
+    def reusable(self) -> bool:
+        """Read to its end and not a byte beyond: the connection can carry another reply."""
+        return self.complete and not self._pending
+
+    def read(self) -> bytes:
+        """Body bytes that have arrived (waiting for some if none has); b"" at the end.
+
+        ValueError for broken chunk framing or a connection closed inside the body;
+        OSError (TimeoutError included) from the socket.
+        """
+        if not self._chunked:
+            if self._left == 0:
+                self.complete = True
+                return b""
+            data = self._fp.read1(65536 if self._left is None else min(65536, self._left))
+            if not data:
+                if self._left:
+                    raise ValueError("connection closed before the end of the body")
+                self.complete = True  # delimited by the connection's end
+            elif self._left is not None:
+                self._left -= len(data)
+            return data
+        while not self.complete:
+            if self._broken is not None:
+                raise self._broken
+            data = self._fp.read1(65536)
+            if not data:
+                raise ValueError("connection closed inside a chunked body")
+            out: list[bytes] = []
+            try:
+                self._dechunk(self._pending + data, out)
+            except ValueError as exc:
+                if not out:
+                    raise
+                self._broken = exc  # the data before the bad framing first
+            if out:
+                return b"".join(out)
+        return b""
+
+    def _dechunk(self, buf: bytes, out: list[bytes]) -> None:
+        """Append the chunk data in buf to out; keep an incomplete tail for the next read."""
+        pos = 0
+        while pos < len(buf) and not self.complete:
+            if self._in_chunk:
+                data = buf[pos : pos + self._in_chunk]
+                out.append(data)
+                pos += len(data)
+                self._in_chunk -= len(data)
+                self._after_chunk = self._in_chunk == 0
+                continue
+            if self._after_chunk:
+                if len(buf) - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise ValueError("chunk data not followed by CRLF")
+                pos += 2
+                self._after_chunk = False
+                continue
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                if len(buf) - pos > _CHUNK_LINE_MAX:
+                    raise ValueError("chunk size line too long")
+                break
+            line, pos = buf[pos:end], end + 2
+            if self._in_trailers:
+                self.complete = not line  # trailer fields themselves are of no use here
+                continue
+            size = line.split(b";", 1)[0].strip()  # chunk extensions are ignored
+            if not _CHUNK_SIZE_RE.fullmatch(size):
+                raise ValueError(f"bad chunk size line {line[:40]!r}")
+            self._in_chunk = int(size, 16)
+            self._in_trailers = self._in_chunk == 0
+        self._pending = buf[pos:]
+
+
 class ChatStream:
     """One streamed completion: iterate (kind, value) events; abort() ends it from outside."""
 
@@ -1891,6 +1990,7 @@ class ChatStream:
         self._pool = pool
         self._conn = conn
         self._response = response
+        self._body = ResponseBody(response)
         self._finished = False
 
     def events(self) -> Iterator[list[tuple[str, Any]]]:
@@ -1904,7 +2004,7 @@ class ChatStream:
         while True:
             batch: list[tuple[str, Any]] = []
             try:
-                chunk = self._response.read1(16384)
+                chunk = self._body.read()
             except TimeoutError as exc:
                 raise ProviderError(self.provider, "network", "stream went silent") from exc
             except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -1936,7 +2036,12 @@ class ChatStream:
                     if batch:
                         yield batch
                     return
-                batch.extend(self._chunk_events(data))
+                try:
+                    batch.extend(self._chunk_events(data))
+                except ProviderError:
+                    if batch:  # what came before the bad event is the visitor's
+                        yield batch
+                    raise
             if batch:
                 yield batch
 
@@ -1974,10 +2079,17 @@ class ChatStream:
         """Return a cleanly finished connection to the pool; close any other."""
         if self._finished and not self.aborted and not self._response.will_close:
             try:
-                self._response.read()  # the terminating chunk, so the next reply starts clean
-                self._pool.give_back(self._url, self._conn)
-                return
-            except (OSError, http.client.HTTPException) as exc:
+                # The rest of the body (the terminating chunk, usually), so that the next
+                # reply on this connection starts clean; a stream going on after [DONE]
+                # is not worth waiting for.
+                extra = 0
+                while not self._body.complete and extra < _SSE_MAX_LINE:
+                    extra += len(self._body.read())
+                if self._body.reusable:
+                    self._response.close()  # http.client's turn is over; the socket stays
+                    self._pool.give_back(self._url, self._conn)
+                    return
+            except (OSError, ValueError) as exc:
                 log.debug("provider connection not reusable: %s", exc)
         self._conn.close()
 

@@ -46,7 +46,10 @@ ERROR_TYPES = {
     503: "server_overloaded",
 }
 # Reply modes: what happens after the status line.
-MODES = ("ok", "hang", "idle", "stall", "reset", "invalid_json", "truncate", "empty")
+MODES = ("ok", "hang", "idle", "stall", "reset", "invalid_json", "truncate", "empty", "bad_chunk")
+# How the body is framed: HTTP chunks; chunks with extensions and a trailer field after
+# the last one; or no chunking at all, the body ending with the connection.
+FRAMINGS = ("chunked", "extensions", "close")
 
 
 def echo_text(message: str) -> str:
@@ -63,7 +66,8 @@ class Reply:
     then nothing; "reset" sends `fail_after` tokens, then resets the connection (RST);
     "invalid_json" sends `fail_after` tokens, a data line that is not JSON, then ends the
     stream normally; "truncate" sends `fail_after` tokens and half an event, then closes
-    without [DONE]; "empty" sends the role chunk and [DONE] but no content.
+    without [DONE]; "empty" sends the role chunk and [DONE] but no content; "bad_chunk"
+    sends `fail_after` tokens, then a chunk-size line that is not hexadecimal.
     """
 
     deltas: list[str] | None = None  # None: echo_text(last user message), in three pieces
@@ -80,11 +84,14 @@ class Reply:
     gate: threading.Event | None = None  # waited on after the first content token
     gate_keepalive: float = 0.0  # while waiting on the gate, a keep-alive comment this often
     hold: float = HANG_LIMIT  # "hang": seconds before the connection is closed unanswered
+    framing: str = "chunked"  # one of FRAMINGS
 
     def __post_init__(self) -> None:
-        """Refuse unknown modes early."""
+        """Refuse unknown modes and framings early."""
         if self.mode not in MODES:
             raise ValueError(f"unknown reply mode {self.mode!r}")
+        if self.framing not in FRAMINGS:
+            raise ValueError(f"unknown framing {self.framing!r}")
 
     def content(self, body: Any) -> list[str]:
         """The content deltas for a request body."""
@@ -185,8 +192,14 @@ class _Stream:
             raise ClientGone(str(exc)) from exc
 
     def chunk(self, data: bytes) -> None:
-        """Write one HTTP chunk."""
-        if data:
+        """Write one HTTP chunk (or, without chunking, the bytes as they are)."""
+        if not data:
+            return
+        if self.reply.framing == "close":
+            self.send(data)
+        elif self.reply.framing == "extensions":
+            self.send(b"%x;name=value\r\n" % len(data) + data + b"\r\n")
+        else:
             self.send(b"%x\r\n" % len(data) + data + b"\r\n")
 
     def event(self, payload: dict[str, Any] | str) -> None:
@@ -215,9 +228,15 @@ class _Stream:
         self.carry = b""
 
     def end(self) -> None:
-        """Write the terminating zero-length chunk."""
+        """Write the terminating zero-length chunk (a trailer field with extensions), or,
+        without chunking, close the sending side."""
         self.flush()
-        self.send(b"0\r\n\r\n")
+        if self.reply.framing == "close":
+            self.conn.sock.shutdown(socket.SHUT_WR)
+        elif self.reply.framing == "extensions":
+            self.send(b"0;last=1\r\nX-Trailer: done\r\n\r\n")
+        else:
+            self.send(b"0\r\n\r\n")
 
 
 def _chunk_body(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -496,12 +515,16 @@ class FakeProvider:
         if reply.status != 200:
             return self._answer_error(conn, reply)
         stream = _Stream(self, conn, reply)
+        framing = (
+            b"Connection: close\r\n"
+            if reply.framing == "close"
+            else b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n"
+        )
         stream.send(
             b"HTTP/1.1 200 OK\r\n"
             b"Content-Type: text/event-stream; charset=utf-8\r\n"
-            b"Transfer-Encoding: chunked\r\n"
-            b"Cache-Control: no-cache\r\n"
-            b"Connection: keep-alive\r\n\r\n"
+            + framing
+            + b"Cache-Control: no-cache\r\n\r\n"
         )
         if reply.mode == "idle":
             self.pause(conn, HANG_LIMIT)
@@ -529,7 +552,7 @@ class FakeProvider:
             stream.event(usage_chunk)
         stream.event("[DONE]")
         stream.end()
-        return True
+        return reply.framing != "close"
 
     def _after_token(self, conn: Connection, stream: _Stream, reply: Reply, index: int) -> None:
         """Gate, delay and keep-alive comments after one content token."""
@@ -552,6 +575,10 @@ class FakeProvider:
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.sock.close()
             return False
+        if reply.mode == "bad_chunk":
+            stream.send(b"zz\r\ndata: {}\r\n")
+            self.pause(conn, HANG_LIMIT)
+            return False
         if reply.mode == "truncate":
             stream.chunk(b'data: {"id":"chatcmpl-fake","object":"chat.comp')
             conn.sock.shutdown(socket.SHUT_WR)
@@ -561,7 +588,7 @@ class FakeProvider:
         stream.event(_chunk_body({}, finish="stop"))
         stream.event("[DONE]")
         stream.end()
-        return True
+        return reply.framing != "close"
 
     def _answer_error(self, conn: Connection, reply: Reply) -> bool:
         """An HTTP error answer with a JSON error body, as providers send them."""

@@ -451,11 +451,12 @@ def test_reasoning_streams_apart_and_stays_out_of_history(
     ]
 
 
-@pytest.mark.parametrize("mode", ["reset", "invalid_json", "truncate", "stall"])
+@pytest.mark.parametrize("mode", ["reset", "invalid_json", "truncate", "stall", "bad_chunk"])
 def test_failure_after_tokens_ends_with_error_line(
     server: Server, fake: FakeProvider, mode: str
 ) -> None:
-    """Reset, bad JSON, truncation or an idle provider after two tokens: error line, no history."""
+    """Reset, bad JSON, truncation, broken chunking or an idle provider after two tokens:
+    an error line, nothing stored."""
     client = server.client()
     say(server, client, "before")
     fake.script(Reply(deltas=["par", "tial", " never"], mode=mode, fail_after=2))
@@ -619,6 +620,20 @@ def test_connection_refused_is_unreachable(make_server: ServerFactory, fake: Fak
     result = chat(srv, srv.client(), "hi")
     assert_error(result.response, 503, "provider_unreachable")
     assert result.response.elapsed < 3, result.response.elapsed
+
+
+@pytest.mark.parametrize("framing", ["extensions", "close"])
+def test_provider_body_framings(
+    make_server: ServerFactory, provider: FakeProvider, fake: FakeProvider, framing: str
+) -> None:
+    """Chunk extensions and trailers, or a body that ends with the connection: the same
+    answer; a connection is reused after trailers, never after a connection-ended body."""
+    srv = make_server.start("embedded", chat_env(fake))
+    before = provider.accepted_connections()
+    for text in (["a", "b", "é🙂"], ["second"]):
+        fake.script(Reply(deltas=text, framing=framing, split=True))
+        assert_streamed(chat(srv, srv.client(), "hi"), "".join(text))
+    assert provider.accepted_connections() - before == (1 if framing == "extensions" else 2)
 
 
 def test_provider_by_host_name(make_server: ServerFactory, fake: FakeProvider) -> None:
