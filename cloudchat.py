@@ -196,6 +196,7 @@ class Config:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_history: int = 6
     chat_max_chars: int = 4000
+    chat_busy_streams: int = 100
     chat_history_ttl: int = 3600
     chat_require_auth: bool = False
     rate_chat_visitor: RateLimit = RateLimit(20, 60)
@@ -274,6 +275,7 @@ class Config:
             system_prompt=environ.get("SYSTEM_PROMPT", "").strip() or DEFAULT_SYSTEM_PROMPT,
             max_history=read.integer("MAX_HISTORY", 6, 0, 100),
             chat_max_chars=read.integer("CHAT_MAX_CHARS", 4000, 1, 1_000_000),
+            chat_busy_streams=read.integer("CHAT_BUSY_STREAMS", 100, 0, 1_000_000),
             chat_history_ttl=read.integer("CHAT_HISTORY_TTL", 3600, 60, 30 * 86400),
             chat_require_auth=read.flag("CHAT_REQUIRE_AUTH", False),
             rate_chat_visitor=read.rate("RATE_CHAT_VISITOR", RateLimit(20, 60)),
@@ -2347,6 +2349,7 @@ class Services:
     hasher: PasswordHasher
     mailer: Mailer
     upstream: UpstreamPool
+    open_streams: int = 0  # chat answers being relayed right now
 
     def close(self) -> None:
         """Release the stores' and the providers' connections."""
@@ -2785,6 +2788,7 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
 
 
 VISITOR_ID_RE = re.compile(r"[A-Za-z0-9_-]{22,64}")
+CHAT_BUSY_FLUSH_SECONDS = 0.05  # 20 writes a second: still a smooth stream to read
 CHAT_FAILURES = {
     "auth": (503, "chat_unavailable", "Chat is unavailable right now"),
     "rate": (429, "provider_rate_limited", "The model provider is busy, try again shortly"),
@@ -2838,10 +2842,17 @@ def relay_chat(
     question: str,
     client: socket.socket | None,
 ) -> Iterator[bytes]:
-    """The visitor's NDJSON stream; the round joins the history once it is complete."""
+    """The visitor's NDJSON stream; the round joins the history once it is complete.
+
+    Lines go out as tokens arrive. With more than CHAT_BUSY_STREAMS answers streaming at
+    once, a stream writes at most every CHAT_BUSY_FLUSH_SECONDS, several tokens a write:
+    the loop is then late for every stream anyway, and each write it spares is a system
+    call and a wake-up it can spend on setting up the streams still waiting for a token.
+    """
     watcher = gevent.spawn(watch_for_hangup, client, stream) if stream and client else None
     reply: list[str] = []
     usage = None
+    s.open_streams += 1
     try:
         for batch in itertools.chain([first], batches):
             lines = []
@@ -2854,6 +2865,8 @@ def relay_chat(
                 lines.append(_json_bytes({kind: value}) + b"\n")
             if lines:
                 yield b"".join(lines)
+                if s.open_streams > s.cfg.chat_busy_streams:
+                    gevent.sleep(CHAT_BUSY_FLUSH_SECONDS)
         answer = "".join(reply)
         if answer:
             try:
@@ -2869,6 +2882,7 @@ def relay_chat(
         yield _json_bytes({"error": "The model provider failed mid-answer, please try again"})
         yield b"\n"
     finally:
+        s.open_streams -= 1
         if watcher is not None:
             watcher.kill()
         if stream is not None:

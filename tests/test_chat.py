@@ -293,6 +293,43 @@ def test_first_line_arrives_before_provider_finishes(embedded: Server, fake: Fak
     assert_streamed(result, "first second")
 
 
+def _raw_chunks(port: int, body: bytes) -> list[bytes]:
+    """POST a chat over a raw socket; the HTTP chunks of the answer, as the server wrote them."""
+    with socket.create_connection(("127.0.0.1", port), timeout=STREAM_TIMEOUT) as sock:
+        sock.sendall(
+            b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        raw = b""
+        while data := sock.recv(65536):
+            raw += data
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" in head.lower(), head
+    chunks = []
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        rest = rest[size + 2 :]
+
+
+def test_a_busy_server_writes_several_tokens_at_once(
+    make_server: ServerFactory, fake: FakeProvider
+) -> None:
+    """With more streams open than CHAT_BUSY_STREAMS (0 here), a stream writes at most every
+    50 ms: 20 tokens 10 ms apart arrive complete and in order, in a handful of writes."""
+    srv = make_server.start("embedded", chat_env(fake, CHAT_BUSY_STREAMS="0"))
+    deltas = [f"t{i} " for i in range(20)]
+    fake.script(Reply(deltas=deltas, delay=0.01))
+    chunks = _raw_chunks(srv.port, json.dumps({"message": "hi"}).encode())
+    lines = [json.loads(line) for line in b"".join(chunks).splitlines()]
+    assert "".join(line.get("text", "") for line in lines) == "".join(deltas)
+    assert lines[-1].get("done") is True
+    assert len(chunks) <= 10, [len(c) for c in chunks]
+
+
 @pytest.mark.parametrize(
     "framing",
     [
