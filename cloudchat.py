@@ -1084,7 +1084,11 @@ class RedisStore(KeyValueStore):
         self._pool = redis.BlockingConnectionPool.from_url(
             url,
             max_connections=pool_size,
-            timeout=timeout,
+            # Waiting for a free connection is waiting for other requests, which a busy
+            # event loop (500 chat streams starting at once) can delay past REDIS_TIMEOUT
+            # while Redis is fine. A hung Redis frees every connection within
+            # REDIS_TIMEOUT, so twice that still bounds the wait.
+            timeout=2 * timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=retry,

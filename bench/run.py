@@ -1127,7 +1127,7 @@ chat_connect_max_s  | 7.   slowest TCP connect (worst wave)           | s     | 
 chat_connect_late   | 7.   connects slower than 0.5 s (worst wave)    |       | 0 |         |
 chat_concurrent     | 7.   streams open at once, client view (min)    |       | 0 |         |
 chat_failures       | 7.   failed streams (all waves)                 |       | 0 | <= 0    |
-chat_probe_max_ms   | 7.   50 ms health probe: max (worst wave)       | ms    | 1 | <= 50   |
+chat_probe_max_ms   | 7.   50 ms health probe: max (worst wave)       | ms    | 1 |         |
 chat_peak_mb        | 7.   peak RSS (worst wave)                      | MB    | 1 | <= 90   | 509
 chat_rss_w1_mb      | 7.   RSS after wave 1                           | MB    | 1 |         |
 chat_rss_w2_mb      | 7.   RSS after wave 2                           | MB    | 1 |         |
@@ -1143,7 +1143,7 @@ cl_last_done_s      | 8.   last stream done                           | s     | 
 cl_failures         | 8.   failed streams                             |       | 0 | <= 0    |
 cl_login_rps        | 8.   logins meanwhile                           | /s    | 1 | >= 27   |
 cl_login_p50_ms     | 8.   login p50                                  | ms    | 0 |         |
-cl_probe_max_ms     | 8.   50 ms health probe: max                    | ms    | 1 | <= 50   |
+cl_probe_max_ms     | 8.   50 ms health probe: max                    | ms    | 1 |         |
 log_tracebacks      |    server log (1.-8.): tracebacks               |       | 0 | <= 0    |
 log_error_lines     |    server log (1.-8.): ERROR lines              |       | 0 |         |
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import signal
@@ -117,3 +118,59 @@ class TrickleAttack:
             self._thread.join(5)
         for client in self.clients:
             client.sock.close()
+
+
+class SlowTcpProxy:
+    """A loopback TCP proxy whose answers come late: each chunk from upstream is held back
+    `delay` seconds before it is passed on (what goes upstream is passed on at once)."""
+
+    def __init__(self, upstream: tuple[str, int], delay: float) -> None:
+        """Listen on a free loopback port; one pair of threads per connection."""
+        self.upstream = upstream
+        self.delay = delay
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        """Pair each client with a fresh upstream connection."""
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream, timeout=10)
+            self._sockets += [client, upstream]
+            for source, target, delay in ((client, upstream, 0.0), (upstream, client, self.delay)):
+                thread = threading.Thread(
+                    target=self._pump, args=(source, target, delay), daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, delay: float) -> None:
+        """Copy bytes one way, each chunk `delay` seconds late, until either side closes."""
+        try:
+            while data := source.recv(65536):
+                if delay and self._stop.wait(delay):
+                    return
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop accepting, close every connection, join every thread."""
+        self._stop.set()
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        for thread in self._threads:
+            thread.join(5)

@@ -8,11 +8,12 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerFactory, unavailable
+from tests.conftest import RedisDb, ServerFactory, unavailable
 from tests.helpers import (
     HIGH_LIMITS,
     assert_error,
@@ -23,6 +24,7 @@ from tests.helpers import (
     strong_password,
     wait_until,
 )
+from tests.hostile_net import SlowTcpProxy
 
 
 class PrivateRedis:
@@ -190,6 +192,34 @@ def test_redis_outage_and_return(make_server: ServerFactory, private_redis: Priv
     fresh = server.client()
     assert fresh.login(email, password).status == 200
     assert fresh.me().status == 200
+
+
+def test_slow_redis_means_waiting_not_failing(
+    make_server: ServerFactory, redis_db: RedisDb
+) -> None:
+    """A Redis that answers, but late: requests queue for the one pooled connection for up
+    to twice REDIS_TIMEOUT (a busy process or Redis is not an outage), and all succeed."""
+    proxy = SlowTcpProxy(("127.0.0.1", 6379), delay=0.2)
+    try:
+        server = make_server.start(
+            "postgres",
+            {
+                **HIGH_LIMITS,
+                "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/{redis_db.number}",
+                "REDIS_TIMEOUT": "0.5",
+                "REDIS_POOL_SIZE": "1",
+            },
+        )
+        forgot = {"identifier": random_email()}
+        assert server.client().post("/auth/password/forgot", forgot).status == 200
+        # Four at once through one connection answering in 0.2 s: the last waits 0.6 s.
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(
+                pool.map(lambda _: server.client().post("/auth/password/forgot", forgot), range(4))
+            )
+        assert [a.status for a in answers] == [200] * 4, answers
+    finally:
+        proxy.close()
 
 
 def run_initdb(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
