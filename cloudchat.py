@@ -526,6 +526,31 @@ def _json_bytes(payload: Any) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+class OutageLog:
+    """Warnings that every request repeats while a dependency is down, written once per
+    kind every `interval` seconds with a count of the ones left out: an outage at 1,000
+    requests a second must not write 2,000 lines a second to journald. Each request
+    still gets its own access line, with its status."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._kinds: dict[str, tuple[float, int]] = {}  # kind -> (last written, left out)
+
+    def warning(self, kind: str, detail: object) -> None:
+        """Log `kind: detail` unless a line of this kind went out within the interval."""
+        now = time.monotonic()
+        written, left_out = self._kinds.get(kind, (-math.inf, 0))
+        if now - written < self._interval:
+            self._kinds[kind] = (written, left_out + 1)
+            return
+        self._kinds[kind] = (now, 0)
+        more = f" ({left_out} more like it in the last {now - written:.0f} s)" if left_out else ""
+        log.warning("%s: %s%s", kind, detail, more)
+
+
+outage_log = OutageLog()
+
+
 class StoreUnavailable(Exception):
     """A storage dependency (SQL or key-value) did not answer in time; becomes a 503."""
 
@@ -1453,7 +1478,7 @@ def _cache_session(
     try:
         kv.set(_session_cache_key(id_hash), value, ttl)
     except StoreUnavailable as exc:
-        log.warning("session cache not filled: %s", exc)
+        outage_log.warning("session cache not filled", exc)
 
 
 def _user_from_cache(value: str) -> dict[str, Any] | None:
@@ -1496,7 +1521,7 @@ def get_session_user(
         try:
             cached = kv.get(_session_cache_key(id_hash))
         except StoreUnavailable as exc:
-            log.warning("session cache unavailable, reading SQL: %s", exc)
+            outage_log.warning("session cache unavailable, reading SQL", exc)
             cached = None
         user = _user_from_cache(cached) if cached is not None else None
         if user is not None:
@@ -2259,7 +2284,7 @@ def api_route(callback: Callable[..., Any]) -> Callable[..., Any]:
         except ApiError as exc:
             return error_body(exc)
         except StoreUnavailable as exc:
-            log.warning("dependency unavailable rid=%s: %s", _request_id(), exc)
+            outage_log.warning("dependency unavailable, answered 503", exc)
             return error_body(
                 ApiError(503, "unavailable", "Service temporarily unavailable, try again shortly")
             )
@@ -2696,7 +2721,7 @@ def _probe(name: str, ping: Callable[[], None]) -> bool:
         ping()
         return True
     except Exception as exc:
-        log.warning("health check: %s down: %s", name, exc)
+        outage_log.warning(f"health check: {name} down", exc)
         return False
 
 
@@ -2876,7 +2901,7 @@ def relay_chat(
             try:
                 save_round(s.kv, s.cfg, visitor, question, answer)
             except StoreUnavailable as exc:
-                log.warning("chat round not saved: %s", exc)
+                outage_log.warning("chat round not saved", exc)
         yield _json_bytes({"done": True, "usage": usage} if usage else {"done": True}) + b"\n"
     except ProviderError as exc:
         if stream is not None and stream.aborted:

@@ -167,6 +167,11 @@ def test_redis_outage_and_return(make_server: ServerFactory, private_redis: Priv
     # Sessions keep working from SQL.
     me = staying.me()
     assert me.status == 200 and me.elapsed < 3, me
+    # ... and the log says so once, not once per request (each still has its access line).
+    for _ in range(20):
+        assert staying.me().status == 200
+    wait_until(lambda: server.log_text().count("GET /auth/me 200") >= 23, 5, what="access lines")
+    assert server.log_text().count("session cache unavailable") == 1, server.log_text()[-3000:]
     # Rate-limited actions fail closed, quickly, as JSON.
     for response in (
         server.client().login(email, password),
