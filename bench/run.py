@@ -1141,7 +1141,7 @@ chat_cpu_client_s   | 7.   CPU per wave: client (loadgen.py)          | s     | 
 cl_first_p95_s      | 8. 500 streams + 16 logins: first line p95      | s     | 2 | <= 1    |
 cl_last_done_s      | 8.   last stream done                           | s     | 2 | <= 3    |
 cl_failures         | 8.   failed streams                             |       | 0 | <= 0    |
-cl_login_rps        | 8.   logins meanwhile                           | /s    | 1 | >= 27   |
+cl_login_rps        | 8.   logins meanwhile                           | /s    | 1 |         |
 cl_login_p50_ms     | 8.   login p50                                  | ms    | 0 |         |
 cl_probe_max_ms     | 8.   50 ms health probe: max                    | ms    | 1 |         |
 log_tracebacks      |    server log (1.-8.): tracebacks               |       | 0 | <= 0    |
