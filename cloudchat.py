@@ -2227,17 +2227,46 @@ def clear_history(kv: KeyValueStore, visitor: str) -> None:
     kv.delete(_history_key(visitor))
 
 
-def watch_for_hangup(client: socket.socket, stream: ChatStream) -> None:
-    """Abort the stream as soon as the visitor's connection closes."""
-    # While a response streams the client has nothing to say; readable means it hung up
-    # (or pipelined a request, which is left for the server to read).
-    try:
-        gevent.socket.wait_read(client.fileno())
-        if client.recv(1, socket.MSG_PEEK) != b"":
-            return
-    except OSError:
-        pass
-    stream.abort()
+class VisitorLeft(Exception):
+    """The visitor hung up before the answer's first token."""
+
+
+class HangupWatch:
+    """Watches the visitor's connection from the moment the chat request has been read: a
+    hang-up aborts the provider stream in progress at once, whether or not it has sent a
+    token yet, so a slow provider (a thinking model) is not kept answering no one."""
+
+    def __init__(self, client: socket.socket | None) -> None:
+        self.left = False
+        self._stream: ChatStream | None = None
+        self._watcher = gevent.spawn(self._watch, client) if client is not None else None
+
+    def _watch(self, client: socket.socket) -> None:
+        # The request has been read: readable now means the visitor hung up (or pipelined
+        # a request, which is left for the server to read).
+        try:
+            gevent.socket.wait_read(client.fileno())
+            if client.recv(1, socket.MSG_PEEK) != b"":
+                return
+        except OSError:
+            pass
+        self.left = True
+        if self._stream is not None:
+            self._stream.abort()
+
+    def attach(self, stream: ChatStream) -> None:
+        """The provider stream to abort on a hang-up (at once if it already happened)."""
+        self._stream = stream
+        if self.left:
+            stream.abort()
+
+    def stop(self) -> None:
+        """Stop watching."""
+        # Dropping the reference too: watcher and watch refer to each other, and a cycle
+        # would keep the dead greenlet until the collector's next full pass.
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.kill()
 
 
 ###############################################################################
@@ -2827,12 +2856,13 @@ CHAT_FAILURES = {
 
 
 def start_chat(
-    s: Services, messages: list[dict]
+    s: Services, messages: list[dict], watch: HangupWatch
 ) -> tuple[ChatStream | None, Iterator[list[tuple[str, Any]]], list[tuple[str, Any]]]:
     """Open a stream with the first provider that gets as far as a first token.
 
     Returns the stream (None for the echo provider), its remaining events and the events
     already read. Providers are tried in order until one delivers; then no other is tried.
+    VisitorLeft when the visitor hangs up first.
     """
     if not s.cfg.chat_providers:
         return None, echo_events(messages[-1]["content"]), []
@@ -2841,6 +2871,7 @@ def start_chat(
         stream = None
         try:
             stream = open_chat_stream(s.cfg, provider, s.upstream, messages)
+            watch.attach(stream)
             batches = stream.events()
             first: list[tuple[str, Any]] = []
             for batch in batches:
@@ -2851,9 +2882,11 @@ def start_chat(
                 raise ProviderError(provider.name, "server", "the answer ended without any text")
             return stream, batches, first
         except ProviderError as exc:
-            log.warning("chat provider failed before the first token: %s", exc)
             if stream is not None:
                 stream.close()
+            if watch.left:
+                raise VisitorLeft() from None
+            log.warning("chat provider failed before the first token: %s", exc)
             failure = exc
     assert failure is not None
     status, code, message = CHAT_FAILURES[failure.kind]
@@ -2869,7 +2902,7 @@ def relay_chat(
     first: list[tuple[str, Any]],
     visitor: str,
     question: str,
-    client: socket.socket | None,
+    watch: HangupWatch,
 ) -> Iterator[bytes]:
     """The visitor's NDJSON stream; the round joins the history once it is complete.
 
@@ -2878,7 +2911,6 @@ def relay_chat(
     the loop is then late for every stream anyway, and each write it spares is a system
     call and a wake-up it can spend on setting up the streams still waiting for a token.
     """
-    watcher = gevent.spawn(watch_for_hangup, client, stream) if stream and client else None
     reply: list[str] = []
     usage = None
     s.open_streams += 1
@@ -2912,8 +2944,7 @@ def relay_chat(
         yield b"\n"
     finally:
         s.open_streams -= 1
-        if watcher is not None:
-            watcher.kill()
+        watch.stop()
         if stream is not None:
             stream.close()
 
@@ -2959,12 +2990,23 @@ def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
             *history,
             {"role": "user", "content": message},
         ]
-        stream, batches, first = start_chat(s, messages)
+        watch = HangupWatch(
+            bottle.request.environ.get("cloudchat.socket") if cfg.chat_providers else None
+        )
+        try:
+            stream, batches, first = start_chat(s, messages, watch)
+        except VisitorLeft:
+            watch.stop()
+            log.info("visitor left before the first token: provider connection closed")
+            # nginx's code for it; nobody reads it, the access line shows it.
+            raise ApiError(499, "client_closed_request", "Client closed the request") from None
+        except BaseException:
+            watch.stop()
+            raise
         bottle.response.content_type = "application/x-ndjson"
         bottle.response.set_header("Cache-Control", "no-store")
         bottle.response.set_header("X-Accel-Buffering", "no")  # nginx: pass lines on at once
-        client = bottle.request.environ.get("cloudchat.socket")
-        return relay_chat(s, stream, batches, first, visitor, message, client)
+        return relay_chat(s, stream, batches, first, visitor, message, watch)
 
     @router.post("/reset_chat")
     def reset_chat() -> dict[str, Any]:

@@ -536,6 +536,29 @@ def test_client_disconnect_closes_upstream(
     assert turns(fake.requests[-1]) == history("before", then="after")
 
 
+def test_visitor_leaving_before_the_first_token_closes_upstream(
+    make_server: ServerFactory, fake: FakeProvider
+) -> None:
+    """A visitor who hangs up while the provider has not sent a token yet (a slow start, a
+    thinking model): the provider connection closes at once, not after CHAT_READ_TIMEOUT,
+    no other provider is asked, and the server logs the request as 499."""
+    srv = make_server.start("embedded", chat_env(fake, CHAT_READ_TIMEOUT="20"))
+    fake.script(Reply(mode="idle"))
+    body = json.dumps({"message": "leaving early"}).encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=STREAM_TIMEOUT) as sock:
+        sock.sendall(
+            b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        (request,) = fake.wait_requests(1)
+        left_at = time.monotonic()
+    wait_until(request.connection.closed.is_set, 3, what="the provider connection to close")
+    assert request.connection.client_closed
+    assert (request.connection.closed_at or 0) - left_at < 3
+    wait_until(lambda: "POST /deepseek_chat 499" in srv.log_text(), 3, what="the 499 line")
+    assert len(fake.requests) == 1
+
+
 def test_two_tabs_at_once_keep_history_in_pairs(server: Server, fake: FakeProvider) -> None:
     """Two overlapping streams with one cc_app, finishing in reverse order: history stays pairs."""
     client = server.client()
