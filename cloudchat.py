@@ -1459,6 +1459,7 @@ def _session_cache_key(id_hash: str) -> str:
 # What a cached session holds: the user's public fields, so that a request with a cached
 # session costs one Redis GET and no SQL. Only active users are cached.
 _CACHED_USER_FIELDS = ("id", "uid", "email", "phone", "display_name")
+_CACHED_USER_KEYS = frozenset(_CACHED_USER_FIELDS)
 
 
 def _cache_session(
@@ -1487,9 +1488,10 @@ def _user_from_cache(value: str) -> dict[str, Any] | None:
         cached = json.loads(value)
     except ValueError:
         return None
-    if not isinstance(cached, dict) or not all(name in cached for name in _CACHED_USER_FIELDS):
+    if not isinstance(cached, dict) or cached.keys() != _CACHED_USER_KEYS:
         return None
-    return {**{name: cached[name] for name in _CACHED_USER_FIELDS}, "is_active": True}
+    cached["is_active"] = True  # only active users are cached
+    return cached
 
 
 def create_session(
