@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 import pytest
 
 from tests.fakeprovider import FakeProvider
-from tests.helpers import HIGH_LIMITS, SCHEMA, Server, base_env, random_hex, run_cli
+from tests.helpers import HIGH_LIMITS, SCHEMA, Server, base_env, random_hex
 
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
@@ -220,17 +220,15 @@ class ServerFactory:
         return env, workdir
 
     def start(
-        self,
-        setup: str = "embedded",
-        overrides: Mapping[str, str | None] | None = None,
-        *,
-        initdb: bool = True,
+        self, setup: str = "embedded", overrides: Mapping[str, str | None] | None = None
     ) -> Server:
-        """Start a server and return it once it listens (SQLite gets `initdb` first)."""
+        """Start a server and return it once it listens.
+
+        No `initdb` first: the server creates the SQLite schema itself when it opens the
+        file, and the PostgreSQL database is a copy of the schema template. Tests of
+        `initdb` itself run it (tests/test_cli.py); here it would only cost a process start.
+        """
         env, workdir = self.env(setup, overrides)
-        if initdb and "DATABASE_URL" not in env:
-            done = run_cli(["initdb"], env, workdir)
-            assert done.returncode == 0, f"initdb failed: {done.stdout}\n{done.stderr}"
         return self.launch(setup, env, workdir)
 
     def launch(self, setup: str, env: Mapping[str, str], workdir: Path) -> Server:

@@ -168,8 +168,11 @@ class SlowTcpProxy:
     def close(self) -> None:
         """Stop accepting, close every connection, join every thread."""
         self._stop.set()
-        self._listener.close()
-        for sock in self._sockets:
+        # close() alone wakes neither the thread blocked in accept() nor a pump thread
+        # blocked in recv(): each would sit out join's timeout. shutdown() wakes them.
+        for sock in (self._listener, *self._sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
         for thread in self._threads:
