@@ -256,16 +256,27 @@ def make_server(
         factory.stop_all()
 
 
+def shared_server(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    overrides: Mapping[str, str | None],
+    setup: str | None = None,
+) -> Iterator[Server]:
+    """The body of a module-scoped server fixture: one server in `setup` (by default the
+    fixture's parameter), stopped when the fixture ends."""
+    factory = ServerFactory(request, tmp_path_factory)
+    try:
+        yield factory.start(setup or request.param, overrides)
+    finally:
+        factory.stop_all()
+
+
 @pytest.fixture(scope="module", params=SETUPS)
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """A server shared by one module's tests, once per setup, with rate limits out of the way."""
-    factory = ServerFactory(request, tmp_path_factory)
-    try:
-        yield factory.start(request.param, HIGH_LIMITS)
-    finally:
-        factory.stop_all()
+    yield from shared_server(request, tmp_path_factory, HIGH_LIMITS)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,14 @@ HIGH_LIMITS = {
     "RATE_LOGIN_IP": "100000/600",
     "RATE_LOGIN_IDENTIFIER": "100000/600",
 }
+# HIGH_LIMITS plus the forgot and chat limits: for tests that hammer every endpoint.
+ALL_LIMITS_RAISED = {
+    **HIGH_LIMITS,
+    "RATE_FORGOT_IP": "100000/3600",
+    "RATE_FORGOT_IDENTIFIER": "100000/3600",
+    "RATE_CHAT_VISITOR": "100000/60",
+    "RATE_CHAT_IP": "100000/60",
+}
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SETUPS, ServerFactory
+from tests.conftest import SETUPS, ServerFactory, shared_server
 from tests.fakeprovider import DEFAULT_USAGE, FakeProvider, Recorded, Reply, echo_text
 from tests.helpers import (
     HIGH_LIMITS,
@@ -62,11 +62,7 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, provider: FakeProvider
 ) -> Iterator[Server]:
     """A server per setup that chats with the fake provider (where storage matters)."""
-    factory = ServerFactory(request, tmp_path_factory)
-    try:
-        yield factory.start(request.param, chat_env(provider))
-    finally:
-        factory.stop_all()
+    yield from shared_server(request, tmp_path_factory, chat_env(provider))
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +70,7 @@ def embedded(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, provider: FakeProvider
 ) -> Iterator[Server]:
     """One SQLite/in-memory server that chats with the fake (where storage does not matter)."""
-    factory = ServerFactory(request, tmp_path_factory)
-    try:
-        yield factory.start("embedded", chat_env(provider))
-    finally:
-        factory.stop_all()
+    yield from shared_server(request, tmp_path_factory, chat_env(provider), "embedded")
 
 
 # -- a streaming client ---------------------------------------------------------------------
@@ -723,7 +715,6 @@ def fallback(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, provider: FakeProvider
 ) -> Iterator[Server]:
     """deepseek (fake /ds) first, then openai (nothing listens), then dashscope (fake /dsc)."""
-    factory = ServerFactory(request, tmp_path_factory)
     env = chat_env(
         provider,
         DEEPSEEK_BASE_URL=provider.url("/ds"),
@@ -734,10 +725,7 @@ def fallback(
         DASHSCOPE_BASE_URL=provider.url("/dsc/v1"),
         DASHSCOPE_MODEL="qwen-test",
     )
-    try:
-        yield factory.start("embedded", env)
-    finally:
-        factory.stop_all()
+    yield from shared_server(request, tmp_path_factory, env, "embedded")
 
 
 def test_fallback_to_a_working_provider(fallback: Server, fake: FakeProvider) -> None:

@@ -34,9 +34,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SETUPS, ServerFactory
+from tests.conftest import SETUPS, shared_server
 from tests.helpers import (
-    HIGH_LIMITS,
+    ALL_LIMITS_RAISED,
     SECURITY_HEADERS,
     Response,
     Server,
@@ -61,13 +61,6 @@ FUZZ = settings(
 )
 MAX_BODY = 65536
 SLOW = 4.5  # seconds: every answer here takes milliseconds
-LIMITS = {
-    **HIGH_LIMITS,
-    "RATE_FORGOT_IP": "100000/3600",
-    "RATE_FORGOT_IDENTIFIER": "100000/3600",
-    "RATE_CHAT_VISITOR": "100000/60",
-    "RATE_CHAT_IP": "100000/60",
-}
 LOG_LINE_RE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) cloudchat: ")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -763,11 +756,9 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """A server per setup, limits out of the way, reset tokens in the forgot answer."""
-    factory = ServerFactory(request, tmp_path_factory)
-    try:
-        yield factory.start(request.param, {**LIMITS, "DEBUG_RETURN_RESET_TOKEN": "1"})
-    finally:
-        factory.stop_all()
+    yield from shared_server(
+        request, tmp_path_factory, {**ALL_LIMITS_RAISED, "DEBUG_RETURN_RESET_TOKEN": "1"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -775,11 +766,7 @@ def plain(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """An embedded server without debug tokens: forgot looks the account up after answering."""
-    factory = ServerFactory(request, tmp_path_factory)
-    try:
-        yield factory.start("embedded", LIMITS)
-    finally:
-        factory.stop_all()
+    yield from shared_server(request, tmp_path_factory, ALL_LIMITS_RAISED, "embedded")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SETUPS, ServerFactory
+from tests.conftest import SETUPS, ServerFactory, shared_server
 from tests.helpers import (
     HIGH_LIMITS,
     INVALID_CREDENTIALS,
@@ -53,11 +53,7 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, sink: MailSink
 ) -> Iterator[Server]:
     """A server per setup that mails to the sink."""
-    factory = ServerFactory(request, tmp_path_factory)
-    try:
-        yield factory.start(request.param, {**HIGH_LIMITS, **SITE, **sink.env()})
-    finally:
-        factory.stop_all()
+    yield from shared_server(request, tmp_path_factory, {**HIGH_LIMITS, **SITE, **sink.env()})
 
 
 def sql_run(server: Server, statement: str) -> None:

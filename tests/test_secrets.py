@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SETUPS, RedisDb, ServerFactory
+from tests.conftest import SETUPS, RedisDb, ServerFactory, shared_server
 from tests.fakeprovider import FakeProvider
 from tests.helpers import (
+    ALL_LIMITS_RAISED,
     HIGH_LIMITS,
     INVALID_CREDENTIALS,
     Client,
@@ -34,13 +35,6 @@ from tests.helpers import (
 )
 from tests.hostile_storage import redis_items, sql_tables, sql_text, sqlite_file_bytes
 
-LIMITS = {
-    **HIGH_LIMITS,
-    "RATE_FORGOT_IP": "100000/3600",
-    "RATE_FORGOT_IDENTIFIER": "100000/3600",
-    "RATE_CHAT_VISITOR": "100000/60",
-    "RATE_CHAT_IP": "100000/60",
-}
 PRODUCTION_ARGON2 = {
     "ARGON2_TIME_COST": None,
     "ARGON2_MEMORY_KIB": None,
@@ -74,11 +68,9 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """A server per setup with limits out of the way and reset tokens in the forgot answer."""
-    factory = ServerFactory(request, tmp_path_factory)
-    try:
-        yield factory.start(request.param, {**LIMITS, "DEBUG_RETURN_RESET_TOKEN": "1"})
-    finally:
-        factory.stop_all()
+    yield from shared_server(
+        request, tmp_path_factory, {**ALL_LIMITS_RAISED, "DEBUG_RETURN_RESET_TOKEN": "1"}
+    )
 
 
 # -- secrets at rest --------------------------------------------------------------------------
@@ -386,11 +378,7 @@ def limited(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """A server per setup where every rate limit is LIMIT per 10 minutes."""
-    factory = ServerFactory(request, tmp_path_factory)
-    try:
-        yield factory.start(request.param, LIMITED)
-    finally:
-        factory.stop_all()
+    yield from shared_server(request, tmp_path_factory, LIMITED)
 
 
 def burst(attempts: list[Callable[[], Response]]) -> list[Response]:
