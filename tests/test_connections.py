@@ -127,6 +127,37 @@ def test_conflicting_body_framing_is_refused(make_server: ServerFactory) -> None
     assert "GET /test" not in server.log_text()
 
 
+def test_malformed_header_lines_are_refused(make_server: ServerFactory) -> None:
+    """RFC 9112 asks for a 400 where a proxy and the server could read the header block
+    differently: whitespace before the colon, a folded line, a line without a name or a
+    colon, a bare CR in a value. Each gets a 400 and the connection closes."""
+    server = make_server.start("embedded")
+    smuggle = b"GET /test HTTP/1.1\r\nHost: x\r\n\r\n"
+    for bad in (
+        b"Content-Length : 33\r\n",
+        b"X-Folded: a\r\n  b\r\n",
+        b"No colon here\r\n",
+        b": no name\r\n",
+        b"Bad Name: x\r\n",
+        b"X-Cr: a\rContent-Length: 33\r\n",
+    ):
+        answer = _exchange(
+            server.port,
+            b"POST /auth/logout HTTP/1.1\r\nHost: x\r\n" + bad + b"\r\n" + smuggle,
+        )
+        assert answer.startswith(b"HTTP/1.1 400"), (bad, answer)
+        assert answer.count(b"HTTP/1.1") == 1, (bad, answer)
+    assert "GET /test" not in server.log_text()
+    # What the RFC allows still works: no space after the colon, tabs around the value,
+    # bare LF line ends, obs-text (Latin-1) in a value; a NUL is read as a space.
+    answer = _exchange(
+        server.port,
+        b"GET /test HTTP/1.1\nHost:x\nX-Tabs:\t v \t\nX-Latin: caf\xe9\nX-Nul: a\x00b\n"
+        b"Connection: close\n\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
 def test_too_many_headers_is_a_quiet_400(make_server: ServerFactory) -> None:
     server = make_server.start("embedded")
     headers = b"".join(b"X-H%d: v\r\n" % i for i in range(150))
