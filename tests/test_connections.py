@@ -148,6 +148,11 @@ def test_malformed_header_lines_are_refused(make_server: ServerFactory) -> None:
         assert answer.startswith(b"HTTP/1.1 400"), (bad, answer)
         assert answer.count(b"HTTP/1.1") == 1, (bad, answer)
     assert "GET /test" not in server.log_text()
+    # One long line of blanks ending badly: answered at once (a regex with optional
+    # blanks on both sides of the value would backtrack over it for minutes).
+    blanks = b"X-Pad:" + b" \t" * 30_000 + b"\rZ\r\n"
+    answer = _exchange(server.port, b"GET /test HTTP/1.1\r\nHost: x\r\n" + blanks + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     # What the RFC allows still works: no space after the colon, tabs around the value,
     # bare LF line ends, obs-text (Latin-1) in a value; a NUL is read as a space.
     answer = _exchange(
