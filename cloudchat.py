@@ -30,6 +30,7 @@ if __name__ == "__main__":
     monkey.patch_all()
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import dataclasses
@@ -39,6 +40,7 @@ import email.utils
 import functools
 import gc
 import hashlib
+import hmac
 import html
 import http.client
 import ipaddress
@@ -60,6 +62,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -139,6 +142,8 @@ class ProviderConfig:
 ARGON2_DEFAULT_TIME_COST = 2
 ARGON2_DEFAULT_MEMORY_KIB = 19456
 ARGON2_DEFAULT_PARALLELISM = 1
+# A key that signs cookies must resist guessing offline: at least 128 bits of hex.
+SECRET_KEY_MIN = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +167,16 @@ class Config:
     session_ttl: int = 604800
     session_cache_seconds: int = 60
     trusted_proxies: tuple[Any, ...] = ()
+    ipv6_prefix_length: int = 64
+    secret_key: str = dataclasses.field(default="", repr=False)
     max_body_bytes: int = 65536
     argon2_time_cost: int = ARGON2_DEFAULT_TIME_COST
     argon2_memory_kib: int = ARGON2_DEFAULT_MEMORY_KIB
     argon2_parallelism: int = ARGON2_DEFAULT_PARALLELISM
     argon2_max_concurrency: int = 2
+    argon2_max_queue: int = 16
+    password_require_mix: bool = False
+    password_blocklist_file: str = ""
     rate_register_ip: RateLimit = RateLimit(10, 3600)
     rate_register_email: RateLimit = RateLimit(3, 3600)
     rate_login_ip: RateLimit = RateLimit(10, 600)
@@ -201,6 +211,9 @@ class Config:
     chat_require_auth: bool = False
     rate_chat_visitor: RateLimit = RateLimit(20, 60)
     rate_chat_ip: RateLimit = RateLimit(60, 60)
+    rate_visitor_ids_ip: RateLimit = RateLimit(60, 3600)
+    chat_history_max_bytes: int = 65536
+    chat_history_budget_mb: int = 16
     debug_return_reset_token: bool = False
     health_timeout: float = 2.0
     client_timeout: float = 30.0
@@ -237,6 +250,8 @@ class Config:
             session_ttl=read.integer("SESSION_TTL_SECONDS", 604800, 60, 31536000),
             session_cache_seconds=read.integer("SESSION_CACHE_SECONDS", 60, 1, 86400),
             trusted_proxies=read.networks("TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES),
+            ipv6_prefix_length=read.integer("IPV6_PREFIX_LENGTH", 64, 32, 128),
+            secret_key=read.text("SECRET_KEY", ""),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 65536, 1024, 16 * 1024 * 1024),
             argon2_time_cost=read.integer("ARGON2_TIME_COST", ARGON2_DEFAULT_TIME_COST, 1, 100),
             argon2_memory_kib=read.integer(
@@ -246,6 +261,9 @@ class Config:
                 "ARGON2_PARALLELISM", ARGON2_DEFAULT_PARALLELISM, 1, 64
             ),
             argon2_max_concurrency=read.integer("ARGON2_MAX_CONCURRENCY", 2, 1, 64),
+            argon2_max_queue=read.integer("ARGON2_MAX_QUEUE", 16, 0, 10_000),
+            password_require_mix=read.flag("PASSWORD_REQUIRE_MIX", False),
+            password_blocklist_file=read.text("PASSWORD_BLOCKLIST_FILE", ""),
             rate_register_ip=read.rate("RATE_REGISTER_IP", RateLimit(10, 3600)),
             rate_register_email=read.rate("RATE_REGISTER_EMAIL", RateLimit(3, 3600)),
             rate_login_ip=read.rate("RATE_LOGIN_IP", RateLimit(10, 600)),
@@ -280,6 +298,11 @@ class Config:
             chat_require_auth=read.flag("CHAT_REQUIRE_AUTH", False),
             rate_chat_visitor=read.rate("RATE_CHAT_VISITOR", RateLimit(20, 60)),
             rate_chat_ip=read.rate("RATE_CHAT_IP", RateLimit(60, 60)),
+            rate_visitor_ids_ip=read.rate("RATE_VISITOR_IDS_IP", RateLimit(60, 3600)),
+            chat_history_max_bytes=read.integer(
+                "CHAT_HISTORY_MAX_BYTES", 65536, 1024, 16 * 1024 * 1024
+            ),
+            chat_history_budget_mb=read.integer("CHAT_HISTORY_BUDGET_MB", 16, 1, 1_000_000),
             debug_return_reset_token=read.flag("DEBUG_RETURN_RESET_TOKEN", False),
             health_timeout=read.number("HEALTH_TIMEOUT", 2.0, 0.1, 60),
             client_timeout=read.number("CLIENT_TIMEOUT", 30.0, 1, 3600),
@@ -295,6 +318,16 @@ class Config:
             raise ConfigError(
                 "ARGON2_MEMORY_KIB must be at least 8 x ARGON2_PARALLELISM; raise it or lower"
                 " the parallelism"
+            )
+        if cfg.secret_key and len(cfg.secret_key) < SECRET_KEY_MIN:
+            raise ConfigError(
+                f"SECRET_KEY is shorter than {SECRET_KEY_MIN} characters; make one with"
+                " `python -c 'import secrets; print(secrets.token_hex(32))'`"
+            )
+        if cfg.password_blocklist_file and not os.access(cfg.password_blocklist_file, os.R_OK):
+            raise ConfigError(
+                f"PASSWORD_BLOCKLIST_FILE={cfg.password_blocklist_file!r} cannot be read;"
+                " point it at a readable file of one password a line, or unset it"
             )
         if cfg.production:
             problems = production_problems(cfg)
@@ -313,6 +346,12 @@ def production_problems(cfg: Config) -> list[str]:
     if not cfg.database_url:
         problems.append(
             "DATABASE_URL is unset, the SQLite file is for development (point it at PostgreSQL)"
+        )
+    if not cfg.secret_key:
+        problems.append(
+            "SECRET_KEY is unset, cookies could not be signed with a key every instance shares"
+            " (set it to 64 random hex digits: python -c 'import secrets;"
+            " print(secrets.token_hex(32))')"
         )
     if not cfg.redis_url:
         problems.append(
@@ -611,6 +650,11 @@ CREATE TABLE IF NOT EXISTS password_resets (
     expires_at   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS password_resets_user_id_idx ON password_resets (user_id);
+CREATE TABLE IF NOT EXISTS server_secrets (
+    name         TEXT PRIMARY KEY,
+    value        TEXT NOT NULL,
+    created_at   TEXT NOT NULL
+);
 """
 
 SCHEMA_LOCK_KEY = 0x636C6F7564  # "cloud": pg_advisory_xact_lock key of `initdb`
@@ -988,11 +1032,14 @@ def set_user_active(sql: SqlStore, email: str, active: bool) -> int | None:
     return int(row[0]) if row else None
 
 
-def mark_session_revoked(sql: SqlStore, id_hash: str) -> None:
-    """End one durable session."""
-    sql.run(
-        "UPDATE sessions SET revoked_at = %s WHERE id_hash = %s AND revoked_at IS NULL",
-        (utcnow(), id_hash),
+def mark_session_revoked(sql: SqlStore, id_hash: str) -> bool:
+    """End one durable session; True if it was not ended already."""
+    return (
+        sql.run(
+            "UPDATE sessions SET revoked_at = %s WHERE id_hash = %s AND revoked_at IS NULL",
+            (utcnow(), id_hash),
+        )
+        > 0
     )
 
 
@@ -1020,17 +1067,49 @@ def replace_reset_token(sql: SqlStore, user_id: int, id_hash: str, expires_at: d
         )
 
 
+def get_or_create_server_secret(sql: SqlStore, name: str) -> str:
+    """A random secret kept in the database, made by whichever process asks first.
+
+    Development only: production sets SECRET_KEY, so that a database dump alone does not
+    hold the key that signs its cookies.
+    """
+    query = "SELECT value FROM server_secrets WHERE name = %s"
+    try:
+        row = sql.one(query, (name,))
+        if row is None:
+            with contextlib.suppress(DuplicateError):  # another process made it first
+                sql.run(
+                    "INSERT INTO server_secrets (name, value, created_at) VALUES (%s, %s, %s)",
+                    (name, secrets.token_hex(32), utcnow()),
+                )
+            row = sql.one(query, (name,))
+    except (psycopg2.ProgrammingError, sqlite3.DatabaseError) as exc:
+        raise ConfigError(
+            f"the database has no table server_secrets ({str(exc).strip()}): run"
+            " `python cloudchat.py initdb`, or set SECRET_KEY"
+        ) from exc
+    assert row is not None
+    return str(row[0])
+
+
+def delete_reset_tokens(sql: SqlStore, user_id: int) -> None:
+    """End every password-reset link still out for a user."""
+    sql.run("DELETE FROM password_resets WHERE user_id = %s", (user_id,))
+
+
 def get_reset_user_id(sql: SqlStore, id_hash: str) -> int | None:
-    """The user a live reset token belongs to, or None."""
+    """The active user a live reset token belongs to, or None."""
     row = sql.one(
-        "SELECT user_id FROM password_resets WHERE token_hash = %s AND expires_at > %s",
+        "SELECT r.user_id FROM password_resets r JOIN users u ON u.id = r.user_id"
+        " WHERE r.token_hash = %s AND r.expires_at > %s AND u.is_active",
         (id_hash, utcnow()),
     )
     return int(row[0]) if row else None
 
 
 def consume_reset_token(sql: SqlStore, id_hash: str, password_hash: str) -> int | None:
-    """Use a live reset token once and set the new password hash; the user id, or None."""
+    """Use a live reset token of an active user once and set the new password hash; the
+    user id, or None."""
     with sql.transaction() as tx:
         # DELETE ... RETURNING claims the row: of two concurrent uses, one gets it.
         row = tx.one(
@@ -1038,7 +1117,7 @@ def consume_reset_token(sql: SqlStore, id_hash: str, password_hash: str) -> int 
             " RETURNING user_id",
             (id_hash, utcnow()),
         )
-        if row is None:
+        if row is None or not tx.one("SELECT is_active FROM users WHERE id = %s", (row[0],))[0]:
             return None
         tx.run(
             "UPDATE credentials SET secret = %s, updated_at = %s"
@@ -1063,8 +1142,17 @@ class KeyValueStore:
         """The value of a key, or None."""
         raise NotImplementedError
 
-    def set(self, key: str, value: str, ttl: int) -> None:
-        """Set a key that expires after `ttl` seconds."""
+    def set(self, key: str, value: str, ttl: int, only_if_absent: bool = False) -> bool:
+        """Set a key that expires after `ttl` seconds; with only_if_absent, only if it does
+        not exist (SET NX). True if it was set."""
+        raise NotImplementedError
+
+    def set_many(self, keys: Sequence[str], value: str, ttl: int) -> None:
+        """Set every key to one value, expiring after `ttl` seconds, in one round trip."""
+        raise NotImplementedError
+
+    def replace(self, key: str, expected: str, value: str, ttl: int) -> bool:
+        """Set a key only while it still holds `expected`; True if it was set."""
         raise NotImplementedError
 
     def delete(self, *keys: str) -> int:
@@ -1072,14 +1160,23 @@ class KeyValueStore:
         raise NotImplementedError
 
     def hit_many(
-        self, windows: Sequence[tuple[str, int]], read_list: tuple[str, int] | None = None
+        self, windows: Sequence[tuple[str, int, int]], read_list: str | None = None
     ) -> tuple[list[tuple[int, int]], list[str]]:
-        """Count one event in each fixed window (key, seconds), which starts at its first.
+        """Count one event in each fixed window (key, seconds, limit), which starts at its
+        first event, in order, up to the first window whose count goes over its limit: the
+        windows after it are not counted (an attempt refused by its address's limit costs
+        an account nothing, and makes no key for each identifier it names).
 
-        Returns (count, seconds left) per window, in order; and, with read_list=(key, ttl),
-        every item of that list, oldest first, its expiry pushed ttl seconds out (else []).
-        All in one round trip: a request's limits cost one wait, not one each.
+        Returns (count, seconds left) per window, in order; for a window not counted, what
+        the count would have been if it exists (so Retry-After covers it too), else (0, 0).
+        With read_list=key, also every item of that list, oldest first (else []). All in
+        one round trip: a request's limits cost one wait, not one each.
         """
+        raise NotImplementedError
+
+    def add_to_windows(self, key_now: str, key_before: str, amount: int, ttl: int) -> int:
+        """Add amount to key_now (created with expiry ttl); return its new total plus the
+        value of key_before, in one round trip: a budget over two fixed windows."""
         raise NotImplementedError
 
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
@@ -1120,6 +1217,7 @@ class RedisStore(KeyValueStore):
             decode_responses=True,
         )
         self._client = redis.Redis(connection_pool=self._pool)
+        self._hit_many = self._client.register_script(self._HIT_MANY)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -1132,9 +1230,34 @@ class RedisStore(KeyValueStore):
         with self._errors():
             return self._client.get(self._prefix + key)
 
-    def set(self, key: str, value: str, ttl: int) -> None:
+    def set(self, key: str, value: str, ttl: int, only_if_absent: bool = False) -> bool:
         with self._errors():
-            self._client.set(self._prefix + key, value, ex=max(1, ttl))
+            return bool(
+                self._client.set(self._prefix + key, value, ex=max(1, ttl), nx=only_if_absent)
+            )
+
+    def set_many(self, keys: Sequence[str], value: str, ttl: int) -> None:
+        if not keys:
+            return
+        with self._errors():
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(self._prefix + key, value, ex=max(1, ttl))
+            pipe.execute()
+
+    def replace(self, key: str, expected: str, value: str, ttl: int) -> bool:
+        full = self._prefix + key
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(full)  # the MULTI below fails if anyone writes the key first
+                if pipe.get(full) != expected:
+                    return False
+                pipe.multi()
+                pipe.set(full, value, ex=max(1, ttl))
+                pipe.execute()
+            except redis.WatchError:
+                return False
+            return True
 
     def delete(self, *keys: str) -> int:
         if not keys:
@@ -1142,26 +1265,53 @@ class RedisStore(KeyValueStore):
         with self._errors():
             return int(self._client.delete(*(self._prefix + key for key in keys)))
 
+    # KEYS: the counters, then optionally a list to read; ARGV: window and limit of each.
+    # SET NX EX creates a window with its expiry and INCR keeps it; a script runs whole, so
+    # no counter is ever left without its TTL, and counting stops at the first one over.
+    _HIT_MANY = """
+local out, over = {}, false
+for i = 1, #ARGV / 2 do
+  if over then
+    local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+    out[#out + 1] = count > 0 and count + 1 or 0
+    out[#out + 1] = count > 0 and redis.call('TTL', KEYS[i]) or 0
+  else
+    redis.call('SET', KEYS[i], 0, 'EX', ARGV[2 * i - 1], 'NX')
+    local count = redis.call('INCR', KEYS[i])
+    out[#out + 1] = count
+    out[#out + 1] = redis.call('TTL', KEYS[i])
+    over = count > tonumber(ARGV[2 * i])
+  end
+end
+local items = {}
+if #KEYS > #ARGV / 2 then items = redis.call('LRANGE', KEYS[#KEYS], 0, -1) end
+return {out, items}
+"""
+
     def hit_many(
-        self, windows: Sequence[tuple[str, int]], read_list: tuple[str, int] | None = None
+        self, windows: Sequence[tuple[str, int, int]], read_list: str | None = None
     ) -> tuple[list[tuple[int, int]], list[str]]:
+        keys = [self._prefix + key for key, _, _ in windows]
+        if read_list is not None:
+            keys.append(self._prefix + read_list)
+        args = [number for _, window, limit in windows for number in (window, limit)]
+        with self._errors():
+            out, items = self._hit_many(keys=keys, args=args)
+        counts = [
+            (int(out[2 * i]), max(1, int(out[2 * i + 1])) if out[2 * i] else 0)
+            for i in range(len(windows))
+        ]
+        return counts, list(items)
+
+    def add_to_windows(self, key_now: str, key_before: str, amount: int, ttl: int) -> int:
+        now, before = self._prefix + key_now, self._prefix + key_before
         with self._errors():
             pipe = self._client.pipeline(transaction=True)
-            for key, window in windows:
-                # SET NX EX creates the window with its expiry; INCR keeps that expiry. In
-                # one MULTI, so a crash between the two never leaves a counter without TTL.
-                full = self._prefix + key
-                pipe.set(full, 0, ex=window, nx=True)
-                pipe.incr(full)
-                pipe.ttl(full)
-            if read_list is not None:
-                pipe.lrange(self._prefix + read_list[0], 0, -1)
-                pipe.expire(self._prefix + read_list[0], read_list[1])
+            pipe.set(now, 0, ex=ttl, nx=True)
+            pipe.incrby(now, amount)
+            pipe.get(before)
             replies = pipe.execute()
-        counts = [
-            (int(replies[3 * i + 1]), max(1, int(replies[3 * i + 2]))) for i in range(len(windows))
-        ]
-        return counts, list(replies[3 * len(windows)]) if read_list is not None else []
+        return int(replies[1]) + int(replies[2] or 0)
 
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
         full = self._prefix + key
@@ -1211,11 +1361,27 @@ class MemoryStore(KeyValueStore):
             entry = self._live(key, time.monotonic())
             return None if entry is None else str(entry[0])
 
-    def set(self, key: str, value: str, ttl: int) -> None:
+    def set(self, key: str, value: str, ttl: int, only_if_absent: bool = False) -> bool:
         now = time.monotonic()
         with self._lock:
+            if only_if_absent and self._live(key, now) is not None:
+                return False
             self._data[key] = (value, now + max(1, ttl))
             self._wrote(now)
+            return True
+
+    def set_many(self, keys: Sequence[str], value: str, ttl: int) -> None:
+        for key in keys:
+            self.set(key, value, ttl)
+
+    def replace(self, key: str, expected: str, value: str, ttl: int) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._live(key, now)
+            if entry is None or entry[0] != expected:
+                return False
+            self._data[key] = (value, now + max(1, ttl))
+            return True
 
     def delete(self, *keys: str) -> int:
         now = time.monotonic()
@@ -1223,25 +1389,43 @@ class MemoryStore(KeyValueStore):
             return sum(1 for key in keys if self._live(key, now) and self._data.pop(key))
 
     def hit_many(
-        self, windows: Sequence[tuple[str, int]], read_list: tuple[str, int] | None = None
+        self, windows: Sequence[tuple[str, int, int]], read_list: str | None = None
     ) -> tuple[list[tuple[int, int]], list[str]]:
         now = time.monotonic()
         counts = []
         items: list[str] = []
+        over = False
         with self._lock:
-            for key, window in windows:
+            for key, window, limit in windows:
                 entry = self._live(key, now)
+                if over:
+                    # Not counted; what this attempt would have made of it, if it exists.
+                    counts.append(
+                        (entry[0] + 1, max(1, math.ceil(entry[1] - now))) if entry else (0, 0)
+                    )
+                    continue
                 count, deadline = (1, now + window) if entry is None else (entry[0] + 1, entry[1])
                 self._data[key] = (count, deadline)
                 self._wrote(now)
                 counts.append((count, max(1, math.ceil(deadline - now))))
+                over = count > limit
             if read_list is not None:
-                key, ttl = read_list
-                entry = self._live(key, now)
+                entry = self._live(read_list, now)
                 if entry is not None:
-                    self._data[key] = (entry[0], now + ttl)
                     items = list(entry[0])
         return counts, items
+
+    def add_to_windows(self, key_now: str, key_before: str, amount: int, ttl: int) -> int:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._live(key_now, now)
+            total, deadline = (
+                (amount, now + ttl) if entry is None else (entry[0] + amount, entry[1])
+            )
+            self._data[key_now] = (total, deadline)
+            self._wrote(now)
+            before = self._live(key_before, now)
+            return total + (before[0] if before is not None else 0)
 
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
         now = time.monotonic()
@@ -1268,31 +1452,252 @@ def open_kv_store(cfg: Config) -> KeyValueStore:
 # Security: input rules, password hashing, tokens, rate limits, client address
 ###############################################################################
 
-EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+")
+# API.md "Emails": an ASCII dot-atom local part and a domain of LDH labels (an IDNA domain
+# in its xn-- form). Nothing else: a comma or a semicolon would make smtplib mail a second
+# recipient, and look-alike characters would make look-alike accounts.
+_EMAIL_ATOM = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_EMAIL_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+EMAIL_RE = re.compile(rf"{_EMAIL_ATOM}(?:\.{_EMAIL_ATOM})*@{_EMAIL_LABEL}(?:\.{_EMAIL_LABEL})+")
+EMAIL_LOCAL_MAX = 64
+EMAIL_MAX = 254
+_ASCII_BLANKS = " \t\r\n\f\v"
 PHONE_RE = re.compile(r"\+?[0-9][0-9 \-]*")
 PASSWORD_MIN, PASSWORD_MAX = 8, 128
 DISPLAY_NAME_MAX = 64
 
-# Passwords that pass the two-kinds rule yet top every leaked-password list.
-COMMON_PASSWORDS = frozenset(
+# The 10,000 most common passwords of the zxcvbn package's list (MIT licence; from Mark
+# Burnett's and Xato's collections of leaked passwords), lower-cased, those of 8 to 128
+# characters only (shorter ones fail the length rule anyway): sorted, one a line, zlib,
+# base85. Decoded once, on first use.
+COMMON_PASSWORDS_BLOB = (
+    "c-mE+$(F1*m!;>t#Xrbl)pEmHUpc8a$webTMk5>vGsm93_TEDH&4{=WpMg-X)2NI8{1l)3?SHfX`mee0{_V1_|Es^hzO"
+    "t|5FFZYcolf6;C^#j!Cb%7N+Tos_+>a-Df^&jPf@^|Xf_s8Tg6|z3DdtCt`H^CNq?jKm=0}S8kz#(Nm>((TM~eA7#r&O"
+    "O{!TG}r<lJ}%-<>I@A!HCwbu{ew8JSqIq6CMb^f{>@TCayl<YZW_MEbIPFcI8SC{namI`!BpWoAyNBZhJmGygna?1BG0"
+    ">*Q>Kdw1H|IQ!h`{jm2^3-N|YM4A#dY&phPnDjhO3zcJ=c&^3ROxxD^gLC1o+>?O>0?@X>=qGj2~wCx3KJ8}Q=)lFG*5"
+    "}<DbYM7nx{nbe-iyxan7-uMmQ(9B)BHHCwL_I-r<oxk2yT29G+9g&M9N(l(BQl*g0kFoHBNagCxQ^!6m^p!7af(!6QM6"
+    "CuZ!DGImKByQHeSq#RyS4lgN(mz2Xx%HbvD@S1AunzDLLS-qwlUQ-UQDTmjT!)waeHD&CYGImWFyQYj?Q^u|-W7m|iYs"
+    "%O)W$czZ(k*4|ma6WS@^ef1xutB}QtG#q`Yok?OR3*d>bI2oEv0@-sozuT_f!e@l;}N`{hnIqo>IT3O1P(N+*3C0DI52"
+    "c`aPw7PpRKi>W|bYkJJ{ARQ5;8#v_&eky3x8L?0>9M@saO%Kk{HKT_(Cl=>s3{+-JHol^f!mGGTX|4ylYr_{ew*}qfj-"
+    "zoL)l=^o{{X3<;OR^j?HKrxFCAcR@VU&a*1y&M*Yl8IoBYmy{3J}jZjofn@AOdQL^Vb8i9#1Z5q+HUgYwEq%)M>A&uij"
+    "FRx}EFoxo+9lU47%e!$a^LWz-`HkVneKgYm>yds{q`Tz_1{=ksH;uWyFA;44ISyI#)u=_mVg-}bTIx9s$_OXdiO3V?E)"
+    "zeG_g0b;%Z_Z{}iilEP;8av=B{60S}_XDo@fC*720`^Exdm&DzeVm<=-a74n33B`;_`zR<SkU<9d_I80|6VQ!T(AG&jo"
+    ";+w>*I7jAV(5OHJy@{I3<C7N^<&?gbmWp_gAN=K=7aQ>2kUra6&TqS^p6D_YVPS;om!5uD6|j-iCDfis>MyF;nNuRSg$"
+    "$|MJ3SJYWy@58h7s0s9BHe_#KvANPBL#{u7e^z{$^%f&zZ^ACUi`1B9{^XXrn@Z+D9j{f=g=$}N2vikc`|6%`!!yk@+I"
+    "Q^mf!}$;Y$$e^t^kWIz-|yuQ{U5&m@UQ59`92~)3VOUN4mtv@J3LaGd>?d#F3JN^jTHWXR5L$62ORW1!2Ho)5tlvnBi<"
+    "u6I0ieUFZtmgg?}){#-<b;eHXFD*br+Y=uICJIwD)lJ7)ItTd7`;v3W+%i2YNb%4FqS4mcg8gb`*RTwU|5`_o1BI2OKB"
+    "J&tQ#D9xXry*nZkf3$xJid8G9{|Ncpf5fsMB_CYX8wUJ&^N-+sQSpA>h5!5t_Q3ueE;D7*dACAO=Ok#(yWO?JgAg?Zq{"
+    "}XP&iUnhz1#%X`;B2P=w~qELDzeJ(IdRMu=4@FzaF<seEEI66@5jFuP?g+y~B-glO}^)+qK2zo?jp5Klsj~`w$-q;-l{"
+    "yCDjh6gBbhc!9UsQngs7PC4AjY!U(LGYtlE@)AaisQR&x9emk>ETw!0F)pQ~?-7V>s+pcI&w^Q^1PWP1BJ<0O>Zo{4K@"
+    "o$c_M+)`Wohm>yMNZVP4+_{vem~#X+a4G6O4yljilbRbr+A0xN@agO6?E}Q`uJ4j#ksf?2V8~axw_N`Tn*8m>q~RMwFP"
+    "?LxdAWB!ke;y<ZGM@g6_9;KP__eG}B}ogc(d2jfET>ZPgWKAPj?be6spbOo%Xg{L2Bz!cYEl{<-`R-e+@J4!HhN_y=$3"
+    "(?3Q2_GgX&$c+C;Zlqa-1bAEhuOFACdFjEgf9D4r!9K+gdcqH%EEw*;`KNCm7+IhE7d7-c;96$+*FJvouf1_;k|p^52h"
+    "f?R@71UBFFzMk@3TBj0OY3>PjbK`pdaL?6mv9N5YK7vn|bnS^W=Hv$<NG_6PPE5Do+koF3$ntD^K?QVYB4<<#M|*%sEA"
+    "v<O0l!`>lT3S1~n<L)Oo}x3zOwe%XEQ{IUy-JPul90t21%4-q)tv;3M0dQI86?v^Crdw;bL9SroZFG?2z|77_sRnKkj`"
+    "FR>l`Tc&z2mz#_1c*{@hn%pN<~wEjdmpcW=>8l%hM=x+PG%_}8sX=!-M~JlIUQMG-#K38Cn${X#{qZIUH{5pEZ%N6&e@"
+    "#L%d>mdK7;(AD$6qnFqDycgIeX9i&AezXnz`t`;W;kXp-9<q74??IY(yzj72-GV|KZYdF`&H&n^!dgpg4QAZHnoN_I{C"
+    "?|LoUA{apD*ZZ}fUC6GXEpJ;lW!LwT+k5xOkmD1xo!#zLF&2x<ZjS`tG(PhSV1IHyL%KqWW>An{n%)6OPYSLS#w5J@z8"
+    "%0vdCouCJ^oc>QK6#uBsl-kSGLRd%K=x>^`dayQcrKf+Sb?3&iON=HHk(<cR(<--xuuA@9gosZ05Xvvd7#l?)|wT2M1o"
+    "V@6#!)OX&bf_<qB)fP+-Rn3rCWB>+M>M6?H_c@FEc$o_GJzTq%xuCCZEumc`{^qsH(L}7hEaRrun1;KoP;WMAt=jL)ii"
+    ")VW*03h9(BK}2K>Q}M!8LT7)I^agCi2~EK2wj?`Hf93Ywy*=AOl}z={flxbs-ot9#C_tbnAf3lfXaA}hKhi$4{+-g5J}"
+    "ZREui}qm95KlLHu?59Ov)`jCNvEMtEE~a&r7y%v21PAzx-f+hm1-I2vs@pvwwKsM-c(qD2_Ekbub=|LO6_qB)nz5E{2s"
+    "f_W(Tq%VSBdz%$QQKB~^gF{&aO1omH08lQ)V4lTPFNEHM%pd+k1<?}^z}Nu(#)<{-+XI$U!sUSDEzIO%XfU`&K5ES}L6"
+    "M>oFmxS*_pA`U8p@%ldV<-IU&0Y+u-;8fWteQ+=^YgD;&%xAe(nlYIiWNm!dNh|U>4J&1Q_FJGC?paKOaj}kVSz<v)GE"
+    "2Hk#0F9-ohHF{5Q*kMHZ^fH5nkqH+@-O+}vo`SA9DP0xZG?3SrMVBiW+5A^{IRBx`%`K~pC3P7O15}3_Iu)#%e%^S9OF"
+    "?E|+4f8S;`Hekv3I@em1cRITUFh7jof6~;?gZPqNnzY%ox(WZv5&dIuNCBLF*{Ti$6W+uZJr02{es!z^Pjb7>{JMb6{Z"
+    "nku`51b&<w+XS4*Xg6FSlX@sSOt0<gDpXe`KAv7!MM`vD<&4As`uHTzA(NFJS=;5n#H2^z)~_Db?eDENAp69PIX_!EDS"
+    "n%J=ca<}-eruK!PO<~$2il*(pPCGpN0|pWP``-fjX#}}vfZb;*{OD@K8uGJU)cG;Syl3He;5%Op?yW~OT~7)0YH%;b?Z"
+    "<VhATrS9hT>&Cr3O2x<*4^)*_TD80t7^0MG7olg~iyKQLQa3S|+UjoKFYbL<<IIR=g0olG(wKrWQgtE8fPVBjdXdy|mR"
+    "H;AWuztt;sN5<P)R{s0V5;<7^C0akT9z*ZVGn_yUtpep(ZH9Dc7DXRFSwM%?5xaqpXi?6D_WZx#h$Xf(38Y%$fyG1Vr^"
+    "z2LolnIs$U@D5SgQx&M5vX8(hZ=IBCk)O_Uf_%PB-l}r&mF3OC4w@6qb%rmK(x+BSkMIccZI<@9iTv_j4>{zF)<=T|Ac"
+    "^HuaYc^`v86BQv~v9P6>ts^r$y*bPmu<h|Zet0>mT4Qdw-2!7R%5E&^J*tQu<u){23eD`A|mVIY<DB%l|b2y3v-3aENW"
+    "+B?8BvAIx+PEBDtGdeahB|!^mTAHa==LJBusJ6}0_Qg08rjEU;G~V`*qJR*#(zyc=$hK+&fi#A|?ciMLcL<w6vP=+ypf"
+    "2iKuWGdHDS=+KwQF0#h+0<|igUqiCaW;B9cL?W^IQm4?-d3^CuSoos{n;A+1NX@BC8?-P@pmazn_MpHVo~$;u8ZwHdpX"
+    "lOS^=wF1FJ_7mzo<D;v~$C^n_%>8Tb6px!N-6LKO`RZ;o~jwfiB145!@*><$c0rgI9e@7J^!Bq$Jkx+{fy5fDn{?2mn3"
+    "LrHE&!ReD4}{u^;O0G}ZdGzHHr7d96{Rax!a)*`aj`$uJ7|!jSNAY|37=S@7%+8Am@rZ5U|i2;VKVOBSl<br>PC=3QVf"
+    "JRum}=Sg5$}uKZ(_}n%caq0O~u&v&X!`0Ndh|(XnR$Cg+X7(^?S(CgIAWLANK=+rU?@L_@PX?0}}AW>)8=83OaNcSH=k"
+    "q85a1Z3!*ZEJL}r7&xAsLklupz#GOeVdNhG6gU15YK-w;g7xY<Zb4VKeB~==paWqn*T{ze1A7v9J21>ryqJ#z78GT%g$"
+    "!c>l{)|i9cu#0ymFK)i*q%#H=!Rky$YS07@p0f&PAYURAQjPND@p=F|TD=Bp6If*(GAs7?t?y055=A4T86F3*kDW1qk&"
+    "PBLb-36O{Z~53)l6Z(~`FJ0RC<)1Zn^37AIfOY~Ym@7^9JdbtimUA)@}u01920yqHil~)l7Xg$FjeHJjHJSAVDT{*7>_"
+    "oIN?M!T-)`RM-CuKa<K!B!Gb(nAKCrCJY|cWQ<MHc=x128cb05EBYv9@wQen37wVvg$m$C9m_WqC%%;2e95ZKusxB0fq"
+    "v;4WA4aW}XqiftdvD3YkTK5$*^u_d^8N)T_Rudk&!mC@ta=EVgb5P=oNt1i=}>!me1+xGwY+fP<@Ir-O79SZYIpEci;6"
+    "aB&CBCeZQ%zzrKt3Ha6Qj9nObhFJjRpFp9#v=AT^R>?0AF-l`Gr^oqQAn`$H7Q?(QwCox6GTB!Q45wjY8p~`TtPU6>#p"
+    ";6=fF&%T5*Nro!Kg<4!%QoLlY0q_Ixe7VAl?MjaR;!Dqo)T5QAGk8b#nm5pJgG#+r^4}u_+O_Ty9@qi{Lv#9j3n7nhXO"
+    "I`VjVbWft0c$ea1F8zQ$2dc(LNOoyuS&=LSReh}J#ai*;(;H+!(72rMsVElv#EoC-=+E1V%zC#{?qCNpe@{Y&L<4KGO-"
+    "6%u|N)~oaOauUrkzf#cu|LG{EEqk!L|Dp%#r14cz!Kv$7`Tg`L>&cqL2KyAYjOX8Vt;M^^hJ2XAgl-*x~BqdCIXz))|~"
+    "{snGWy?ARyY)m!4zvtc=#q@Dh5#95dl6H>f-jR7uY958((k&#|Pt^cR%F6v1z&2*DN!_E%v{PhhVl=**7syUh>mJsrf%"
+    "psHHw38MR3jL?zQZvzG>^KIe8P#;v!e)D#DX4O#8Z3+aaqw18v6V}=mda}`j2N*XOY@dO3&%Qg@y<`}A11&ZJbsPY?`2"
+    "RpER#UT;Ro~QE<)FVVIpl(?3RV}Pr-yt13j&W$E(=1`Fn<@pj7$&)Qw2+KlwJbpO(*c41H%pQwb;NMUG%U3wxV*bOY*1"
+    "*mmQqI)s#POoY!Ff041j$T@-q%783-19Tf;NZV9w1q2TxnU5{V50b*$q)T=&qgS;z3$B7^U6$=0&2(kx&u^<rw@h9Z~c"
+    "$x5Z-$5zUl(7{7Rt6jaO`f6h!(w~B=RDZLN_s=Xa{LO|0!#7PpvEFd<}8L1!3YBV<_Ir=iA}l~Um;2WhXd8ZVn<CLRk5"
+    "!^Nmk3VYs)86T`&M@_Bu!>+LnOLN0}e$rkbAZvxnGSD`;H4T`8HFT~w#$S}M3enh2?0Ww$+RNVH#k*O&16vkLAkoU~s6"
+    "I@ZK)zO~cpe-S;^C;Mq#n7SCy1?r+{l$RQEovTa)S8~O)F07aM7L0`fK(G2d2XI2<#CRYh7q=2DCz1%0%of^(GDs6Jji"
+    "uL2OoI4m;6fHbwkbhPPVlylp=F!a)IYDHKEUwV%T(+J0IP`=fomGTR<rT4x?HAbSAH@WmbEMk!i>Hp@H0dRAatDn5=;)"
+    "=NCcA)K+Cj4anaryZv?(O0CEkubm(S;&$Pns-GS*gM$?{vpeCu!fc8@a5IZs5Wu_7)EOHTR_@nKluROXLhb{<RaML@Cq"
+    "K!ET9Of^=;%wk6q+NBKU&vJNF?N6&lfZtx!-l?>q0^N;yl+4swyE3>z@zRty|%DD*D`~Q8#&J>fc<hxfC3@Qv1$QtV+b"
+    "ZxP)&d~S~Tcq>{$ZNvNnP}@K|VrE^HUL!_de8=Zh7kw{!GxYdE2$RfJ23J=6M1ZhhT1Llm4MjEV!Eb@}_x50;4iTUFp{"
+    "^j>xl0ptK3@fb4!T7w<S!P;HDV1^t)8t88@Ecs-ZI~rX(pc)`a;ZZ|Gb9IwH;lNjpU?)v0i!5Bg2<-8K9}FUh#(rXlgG"
+    "c1ieF+#1@Yf-A!x+<E+fL&PfYHdb-xJktRxcR36SQ!I(*gMb=R^r^-#a`WJA9`nWpTg}Iq|b|GaRsq7S50nXmw;7da&*"
+    "e2$85PcHq0`HZ=<e&En=-{RhyixiR!$8_s~)P;~;<F@7Jq=T^dyt3&^+$~GV?;dgsh6WVfxxoBAm=*T!8>1{a(_j+X(S"
+    "r~XGv6<IEE6GPtpV+1%w(aLPs7Jwaj`KtGB|EO8B<MjtNJbIf@E`#JO^!AM#2Fex&F^9Dz?z=mGPRj$Tdtmj%+SuIKVZ"
+    ";z0$2axs6*TrRF;|PDeP&K8;%<|)d08|^tjA`kyj3asMQVCJ(XSreve*ixMl>HJEccsgdM}c*U@qX;PVGipG@o(EiW^2"
+    "v5C^kjL0NaxfxM60UE$eS_s0EsYQ?o6gh}{lGk^RpsFCiV>tkW$xKK^rCcb#1TdvM!P9eNrDAk1FvbBhG^{6h&g3Bsqo"
+    "!|X=p)c7Gwa;JnnM0xFlnfc(HqHJ#W;YULSVG?f(V?(5&Wzy=MM2vp#C<m79)6Lv=E@|pyuTU=wD>!m)>K!9<Y#TXd{u"
+    "|d2sATf`#?-t1_Ij=IbkHNHwRcDOyOF2F{@jZO$>v1#SvE_@dzx*h7V0^@h7X09<>5dTUVID3l{`?WfoQHeUp&2?8V%z"
+    "gj$9On~202UJ|lYKj-?Ex<oXbUWyN&?9S%d>l_;r4wqcUjfX}viCQfaAn;zP+~B_kb^e#V+D=UbgyO&1MHs$17={`$<3"
+    "<<C>Ac}412EeV~O)#0#0rT&?OEqB7QH>JRd<$DM9u^1Wq%N-YH6$gbeLFP1h4NeN3QUIA9WK-k%`tMxd`F2y_%0Sb{ON"
+    "zTBR_5K2uya+ac*V2<HOSgK|lx<Asx4IVvUfE-jCa;jnnFF^!|vmni2er?HaGIU{MDj+)rPF4VBc-FIk>pKE@Qh2=Bx)"
+    "7`~KIno=%QeHRgr6~W4a_3^+VB+ef8U&RN-!J{A8DBb!@fqx{fdw$IPbtIXo8UwLhwDr8sVi}Ik?cl20}mBMleF+>6J%"
+    "2Fz|0DJqy^-*oX&SN`)~U!LkSu;uFm<3+Q<_5GeBQ0C7#8fR5S|_6`Mr+C3%61&zu~qh14zz&RGe%1JiD+r}`qGc3gdG"
+    "1I{iZ&=sciP^wVu9ZVU(05Sm`6Z74iz9;7tJR{45fg^}|3C{+nUGBlg+++{k3hLZh`j>vPw>$|lSh!QBEkkf2{eyK2wj"
+    "l?ZYN<gMHj)Xrvq4>5s~NhX&YFIfML*z5kaPUvrf@60!(t206we~PEfpdWFxGc7G#~R0qU2-YlUUW4F=8n`NUTnoEMm&"
+    "AJX*f%OAi54G&|j+1Ah>@ce~K-4^9SXCuJ?7z!wnN>K9|$!I#HrPH$0XtY`&SW6?2{n%2L4h^H6+LC+i62LYksvQAOt?"
+    "d)mvS5_^gkD=LTDu~&j%Fh_3B9>?vO}I}TLEQPTefAzd8oGRnpZghjKz2?k%WQ4&oM~w?CGt+kfF~;Qx#f&A|Ml+p1`L"
+    "b9e@r3d^U`&IIRZoGz_!0X`2`R26WBvTq*+GOBjU-&O60_#~&X~vck};1I@<-=be~QL0yH{j!Ux)p>OzWFx^uj7PMuhc"
+    "(!+_D!%Nx%e{NvZ<lZUfWcNyW@1f{pD73NhyK0)fRRXo;THqrN!dm~B7_xH`O>>rn8FXh(cP!ugO=$7Z9~-KG{8Otpzm"
+    "x@&oEwKWH{6u#IZ&!=!Kz;(bw7!r#n#3=u{SscL1V<l1Gm*g6VCnKo(#-U2pu8!H>2uH1NdLS{))Zl<Eg8BtLRg5oQxZ"
+    "f3%*~I`tTS2FpXOx`PolTy09AsEEE3Eb9)^O@#LzywR8=Nc9q=(Wt=V)@@;<fd$Zv41v301Oqp$3RYztIme(EaL@}jqh"
+    "wu5&3U7d10CU}oJnv~Oz{B(t65cm>tdo|bCkd>S9fSP0%k+&1+cvx2Mp(6sJ;c9?Vw4AEXoWa$L>lfp@{@_0_B7dOhG_"
+    "qIGkWV40PfE8#Rz%PY(V=oqs{VxBhoIaWfhXn^)M-tHKn$%y#A6JL858>E9hX%*sNpV+4#_!ldbq7E;to_CRJ1Y8${vh"
+    "q>L(TgaDoK&WlxS};Ug$6Z*g%MOA{EkKYQ<|MXOp#<=!0d$l)!c^~H?TZmz5?KTZzpj{PnfZh*#sgq&MS!Cuh@USh!lj"
+    "lpjj$L2y??=yUTI83SoCDsX2&%jF#l6{!4f}w7uLd*h@j-&aqVmeFF;pjobS+4KX=8(%^XG6)sQRG`&!@4=~dzz!(~F$"
+    "H9_lbT{K-!3332j|BfYu`(<c;5C-~U?2NP*1+jh!_*aD9h67;D614zKkY4RH=>xZ=<DwT$67KVOb5j@%Ow0aD??tn$w5"
+    "U6-X?7+=Rnl25ZNaYZVCTZS*aV$n`T$MvBw%$C)h{fv-RcQ6HtiLHOa&MMXvE7sLy6z;Vv!>^$Z{bJ=<JTL$ztICk`nn"
+    "9j8t5NnF~M!`FI^yu`1|;2=>LEN)1%97YZ<r1hrzC+McsJ0C-Wu3UHhXVi@Nw<p3baOl9M0DpA0tJ%M^5#G?5Fwi+$fl"
+    "2z=279|K2U3wBdaeyz@$_Qkp$j(&%rXBNE?IrR;If32sf{^La5@D6y{D!U4t+Hf2!IfMl?AD=|q0p_-2L^C1kNI4E9}B"
+    "h3+$c3=mM!y~n+V)cY%8P5W<s>9>^>uOz&qpKkid;@7Nf?%Ldz^QU^753+QIgk78Xz_BIdE6^Z=}!ffC5?wlwFVYa&n;"
+    "31sm`Qk@B7Q~;&7!|9+Lv}xaL1a2F*<LH(EF=NNM;5rEbC5J2oaQ1^wFb3I*7|vF!=K?O!+X+g^!j;_t8JS>$Yog#FPj"
+    "n-P2w=90UQ(u1mMIe}w=S$n%|)1S0FwxCQ*13*IfCr8ZaRBpC-mdMN?uHy)Ub<<ZW$9{rxT2Y<<^;q=qJ|iW08B}rg9w"
+    "!dl69=S_YuZhayE;->d}G?DPEdbLs9~{>q+lm&{3^^@AO*fL_aa8BI`a8U+|nLt4P<6L9NKf*LeID{Txt7n4CZdlnu&!"
+    "SIQXbAr!eqg2H!exewmO8d#S2Xp~w=9mG~G!kosg(B-oiC03GCO{72xt4`5xky$VkQ3IJU&8&4^laP8vVNl9NCiC|^%J"
+    "w}I{1F*xdhI!A7DhV?}H##7wn5-()ZpBtMvlT%@Vp5y$rC$3FYU?1?y!%N!F=Htqy{X4%Bm<troU+z-Mq@SO9<z7dSYA"
+    "+CfqhFlbK^Xfa19EqCeQhxT3jtS`{I+;rHZuzn4T$o573F*^yk%Mp^eFBa}DQ22d$zAw146~QFna`Xgv7jU30;1d_%1;"
+    "Nf)U(rczkb&y?{r<foFz1^>cM@=oj1bq#dh?3g$f0jb$GQM`8CyLUr#QvI30lrH2)KC^&~slR5=}~nfUcj2;xNHk^ih="
+    "1m@--kQVj%eKk*gQ1$aMVWFA0*%8d~LxGPN16Ce*?a1W60eGwL!(#9*8R_M!IIh9qgGr=X;7lwPseE=0iX`hxlkv9%%E"
+    ";sjF=;W*jzzv2qjp`n>4XQ^cnH<k8l3ZZpaS4#C=6zhQCb(X!Zo~EQ?Ca<JpKRa>0IsdVlU-1gFlR_mD<<O{h^8$FZPD"
+    "@-RgWb=kGH6!p<oGMSQDh{2{OKhBEA&JY8Z;K<Vw2$?j?qY&9r+185MAI3jucAOHXP}9|C67OwV)|=B{BNNaLpw1eyN;"
+    "XqJNMaqI4g&rI=xmM*v)i63R$j|70=L>msU+%X!EFVlpJCRqolrkGVuIinvC+(aV;^}Of7!27M44rCo<D?w-IP6_e@4w"
+    "@o(!-(i3WB3v@?Ml$Z6{p<L9RX>}$UtK(FlPb?y@5M$xUY~#S4S6)uzMids0Ae+VM3=#(1M0{v9TslTW=befVs3E8k89"
+    "2l^a+D=t5s?JD3Ot#uthL-N&762Lw?cBM*VYE~9fHb5LH!3~`cR_@k3>&%-|dKRkc;B0KJ>d`|+iEZn9yxRx8|I|65V`"
+    "4U6KaRqX4L)@zlfNWs*qD>iL(vIy2^hgPEtpM5y8-W6VKyN1k?U4jtL}4#LCy7sF+jE*7vL6M&;L+l80>e-~c(?Ldh`N"
+    "Wii%b@RHbBb`;;9ZotUAYT`}h_tG(`neRJ&OepU4_Ij3KySao&Mb4KXcFrX4_qC!paeP=uOrW3O0iiU8!9yX;H%3-FbN"
+    "K?r!|w9B%w;D#*>T0q=21!y;Vb6m91W+{N>>52n762$z6pVbf}uxJ<IP@GPL=;8z7!54tjc1f=G4};=tEss1!u<1!m4w"
+    "mT)xg86*p*@chQKM?JgsHFj<qN-`M!xI_J;*917?{wG;O*G+n*sfQWSa1-mP${Cg?qrqf+bPBBaE3@fPbtY$^_&Dd0qJ"
+    "Vr2S6^sA{-d)lLG<wrgL@us>P23IL!xs+cgg>_}K)ftngL!*GmeJH~?IdMX4@$|VBNxd>!Wj@oTMI00<-oX~Q2y};4b<"
+    "l!LB&Io9b91!146x<Q~DFV;L5N0X~f{!I%dJ|NXWq?pus@_l&Cr}=@Czq38eiY*x!EhHRp}TycYmUXfe>1}Afc${-PGt"
+    "clgb|y51@ni0&tX37G};5ETDU5xDlNp$4uHx0J|)N_*uo1CEeo_R_G6vEQ5PZ7hN--aCK3|xn_oL}XYdqpRW1I`62Jtm"
+    "i4fk>=p#&~rciZ$>f)@D0&e*&!t#p>GCDrB65=|^X!f-l!r+Pq!2N^l>d=HWmu?AKS0HG8cBF5?6^oI}v7Y11xHta*V6"
+    "t+72X1y{cxHyM(vIhmF-<aY0eyc3--4Sw1T7VVh%0k~LHUUA_ekj>BQq4je&+m?AWv{k@JR42FgzO+A(6az02`!?Fw^m"
+    "m=v{LFy1%WXQvs7VN@287q1{e|*r6>nJ^e*MbcX@`2GvRUdq>rG5@>~wzD>0hN`#Z+6q1^9b9&+e_mqs5Q;Vzt>tz}fp"
+    "z6O_I&X{WV|tS3Kbdw~(qbH^@>TtQ@R=)1Zv7!_(q3GA8$3(vp86XA<)^VipsXL=2!+HYig*r_fq62M!<aK9F)-&$iZ+"
+    "4-D-;~3PYL#CWo<*(BlH3J0q31=-#e7<fNiI-I6#p@{;_)k&=V9W?ivLI`Qijqu~+RdxQL5U@X)$Z;+;GDVB|%JId)UY"
+    "84UsrpaX)4YpDms;4%*2NVpF@7{J`|&>CQIn)c(gLd!WQ0(DRX?oNQ!9OzV2RJ%}X8IR#O)7Pv!3|u7zI`+i_A}!TcMc"
+    "|Ihk(&k!<q*AZ=I~zYR}>s;)70DoIIaU6tiiBKh<-zG>TRxiLfCY&ngF}nB&gowl@4DCP6_e^=LFXTw*-#_-wE0TD95("
+    "1V~krYFkpfkY58iuGBUx!P@c0+fiM^JVaM$kZ=jKAZGXDD08EuS*Hpj@Sm0!EPTKGs%T!R%;41=#QhWl%rYA-Rn<jdw5"
+    "OjbQEx+;A8Z5UT!eY>A+XEI7vV>kVl`8^2@uaGFAxM#+PGAVUuj7_Yh9^LnA@~wpN!C)z1nW(UXaM*t*9RcPeGmXnNb}"
+    "W8`sjdqC+1}b27l8z8VL0M`0hPxs%D3qz;SyUVR27Wh5YO5!k_Hbfw09i;WlXMP(qN$l?2ev5!`!-@MgXuz<h)E5I05;"
+    "EYC(xoX+Cb+{rF44c6(YjeUsPRS+@gtCQ>F<eK2jC415JbWW5XbUo<twbPCFc11d;XVd)vzJvdw(l~asnA9{Hh;zWv({"
+    "%V9iWA@)+8hV0BuI=A<#54p|1lwMv;feq9}i%p>%?h2z{@tpG79K}XH)22<)(cNQ|Loo&Lo{N3GjFD$=h9I+fN%;1DWe"
+    ">D<<xscO{%5+9Iy>QN^MPxmWO%AkVm<#vSWJ=BUTHx<{dIxr-12d$tA+A@?dvsS$J(l;DkL=6UQ(9o@~4THFy$fC%}`+"
+    "(LH+;v9aZc7_1x1UqDa1CKT9R&6-L=jfW8MG<HV?fmt1(&c0Gesf$lU#{2p7hhe_2!j8Yph&L>`kZr*JfTU@T=fj$r|o"
+    "G8NWJDZGfwK(bhQD)7+(!z;J&Jvr_rf*6I3K_Q)6g!1MUKt3r*DONnDcI!3(VM@yXUXe*oj23!P;lj4>ikD^HF9D`Xu6"
+    "15dlow9#!l?x4>(qgLAp9M}Nu!3iXf-o)>rPd+Lmw`WgG!|P19fSc|G4P^yE2FMOxK+{%0fglLnC8DtqD;;1GxaE``!z"
+    "97i-?M+{AI$&3^TB^l|DJvS(I5Im%%65aGVajrrHWu!(IIX}7P#Oed@QSl<I1z@UuLgE$R4Yz--4T1V+KlvCqf7@5$+>"
+    "<V!S{^_XUsH&YUe;^=i_VQUXlV=tLaMXwAe0)Kdaapv@2tFrp0tlfXHc2(T8Jo7r1c7w=}ED+p*Hs2L+#ec~?3nVSnsJ"
+    "4Bc?DJq=VCulOi(9yCP)-adZGwrS9W+DJYT(tqL?tvg^KbAlzej>~a>|nzF9)O0k@kSf~MhUHinX3>Q5*FsaD#MO59sU"
+    "D0k=$D@;_`}w1B@t+Njt^KKtMY?#WeNJ;I;$wZYnB$=D4R5d9$<8MHw?oF+mZ`6m=Fx!OSzhF>jww(XoXI%J!foYfnI("
+    "!b~S@oVeiZS`;J%2U}o=JV6XIsv!ZfZFf)?0Bf2N<tw=M2Y{u+GySu(>lSoB-RyeK7oHAao6}R|Duuw=nlRZ7`L0d%#a"
+    "n@9Zp$hvg6pE3fvms9uVoLngjvqs>}DQ9Vc@0LbSf9mGz&*?+_lhA_~C~<KZ5LA0JMlXCHOu-d02v`J_&0}fdt9N6+l9"
+    "8FYP{%-x~AvHriDrQ1ve~z}S%&jk$#oCy-`pP%0n5u-4209Ge2;TA<ae8N;H&!vy|-(?RKFaDtXoY~0sdQ6T|dI^G4KY"
+    "Gq)@4N3^?x2l8nm(6RlPHl0&KhW^&IQJUV5fIfnX%8l$*G__Y-8Uj=RZ`_9T-f{st^f#3f<cq}JG<8b>6vP3Q)fOU@Yz"
+    "qgVd&@YUZJ0VuG#$AFI+p|=L&r1=Db`E2-kmbyJg3XY(K>tF8k6P5L)0T&YDKxC2S!42Le99c_&yK393Ij{e%Amt#}94"
+    "zdu4-X7S#(7`5QMlVaRUn*FTkK9}>?9ToCU&vY{)ztnvqyks(7v#2=s3m3D$n->q--`Bp_AMY2E{KO7?5$FPx1iHCI7c"
+    "i!9VXq=x%7`(tLw>;dk1qe<^<TcFA1Uzte!xMG9iS;Ato8u+M{~pv-tri7b)LTxxNNzY^E>}JWwbiDm?CgI=bfMiwG*U"
+    "J51>8g8QM;zdmnI1-~~JwA<)ho0NfEMFmznr5M&R~qXd)Ahh{P?V;UGzA2R^_yat7VNaA2vcyy6#-AkF@YF+`b)J->)U"
+    "6awPAGxs-**0al1ynN66jz)?+PB*xlV-o}hC*iG5i&r@d1`^-QX(Lp1tYwRg>mah)+vGFiBklC$<Xuw_>P-}36c;5?d%"
+    "5V@M!|R8XV*y)8fhzMAQNcg0padc?)lzms_C!J2MNKuKC>o$^-D?k?6~vq^<rDC^?p<EvF}UZu6^G=*Jzmp|OMk&PPv3"
+    "p<sb<_bOqFfnQB!CRS?4EuVbXHC0oW??k`lB6@OT<kCHt=TIWfF4SRIo*Aq$p7C~sP6oSXI%xs$P&gVK^<<l7;UNLtbH"
+    "IHg3zvN8bO}6L^4UG%At4O2y0j%L=(!a^$v!t8M&(hkr4P@xQI1isaycSE&k=Yv#sSO(Fy=<*2;sZ{?9|cv068rm31}i"
+    "vx*HzdO)!bLmt3IT%!G+&;}S$VKuVP$Ng$xE;QPR((1q3%-9v&V7Z*;v)y&n74$bXcocY>;nR7wMY6)-~P<v3t<;pq-$"
+    "e>z0uM#T|INUbQiDjq<6DJwC36nQT3*>I_CJRk8$15$SJ0YG$@<ma8Q?+|;Yo;#`zj7#fw2+`ha?kbDxWy#lQV2P*NJw"
+    "!FFX?%>oCSPlFF;=`4q){AUJF6|45lQlCV*c#s(3cva>E)ydt7u{pC%z;|B4%Q?l~b8)v^NM_OAoKnrEFw_gp2xC=vwM"
+    "G9Nx(ohJAn?mF=W3@lD$15inp1rNNk!va>%6RLn;O)F<~h_yGKvraHK1;%p54=}9_1|;kebcPD4R*n<3e-KHny&p0<U^"
+    ">8)qAljDrQmfQ0v$&4RXoHdcyl=bfK*}9dQ-&xGz4x?BMgBPp`I5S(Xs(>p_YMpH4?n39T>P;7jAiiiLh2WY3xnQbEl|"
+    "ci1mh>13iTs&%FZZ!=SKcira;~t~7&;*T$E{g#$WL(8LT^eejSuf_RLnK?ZQe%+sgS5vPg#(#{solVh&=2K?$D!lny91"
+    "oQ?(+Ad7c$qj<sbl>dLEoki8z2V(PI318DI1@&heY9iEcDe{A^~}zgS-nnkxe8-ms8Vje;54#rc~J*9Fvi|NSQX61H5%"
+    "WghVNW(Jp>Nm9mg3!zJ>3ksL)IhA3BXl(EPKvt<J>(s1g|A4oKgo@e={1<&9o52cqTacf}YwP1kt)8#e9?NPuMf2i~v?"
+    "aC;B3bO6Km#>9L>^v06(`&l2~Yt<jg^{ER(0%~_LV9;(a&!v;0HwWMyBuLFm8UV9SEEBYt4%p11u{hX~4RgRon)^wilm"
+    "R|*ZyngzUUoF%0TXE$URr+SjZuM~5GP1Dy$3LDEX!!&GC^ZSfUMSD=u7?;K}|k7r+E}VuC06yKNY>U*8%p7!}Zl>7oT?"
+    "b_=(pKO%Y<(*+KM{J1XE78v*M3fcU5xiv9p2iqddOIdMFT!eIn~gEsj}a7vITI1?7#A<M<Em_8tI0~!H#5t4Avdf?@M#"
+    "qdN%UGE0f3is=(*uubj6Fl8ms5Nvzc=oXvZrY9mmHZLM0N_<vhI5nbLGR!#PL4V8?k}-*kOS`NR?n=A9r{G?2(%*-AUG"
+    "Eg)Ec}hSIvuWbU2ToomB)ViFF57;SQ&JLWVNj!g)&23&OIFgsD=epJ_K!wCphbk=_Pv-sXlLZ8ryK^Ctkcgh6#c30l&-"
+    "XoqC}XVrvIOR~#Caf&do43Rr6pt53NIm=QZ%!XBf>~k0BOQbuhXq=R){T&p+!ZpeRf{4eG1u^3SD*eD+10g=qDq4cD)B"
+    "X-aY8J?E5-cXB`{qf{1k95$g9ZnIjtPMCST+K8s{yn_hQPhzd}4Ve4a-d-82FVP;3+u5q<t3xxDo(Y#Xi8TgB6Uo1a%|"
+    "`Ap!(QT{3u_{7$e$m~1Zyjf+p-rTK$J-x(d9B-yB$dA|tndGTw>EmkLjc1{4|&ANnma~wenxP)=r(e{p0AztUrsjK3_^"
+    "L&Tf_YU6);3OoV`dE21w~D|+#u4cE0CW!X0A_Pv67@VrN9PU@S40yq2Xmb75tNj$1fIPYs9AQ{Lqm!lP(+He@exCD0Q0"
+    "bL_fiD=BD@Su9|U^qR0;aZ8wyC$o1jiZ;3nM!JI#7$$Jj1!bqyaOKH-s3>kmMW-Uc3{MTxhmihD$WymS(l2IPg)wRfQ~"
+    "{o8T9i?UK<A{5*=I}rw}tLy@;vLV7;@bC{tqS5Z4pq^#<3VkcAjB(+C3ZHS&vgZ_bC_ab<_E?CMXD7m_!z=V$COR#Eb@"
+    "ZkK@RBxD9I$`}quUOGj@?5_5MK7<_->pv6G(_#3IY%OaXl&+oeLsB;LvH0`(%o6fMS3X$NNfxZhKl7f!FMafM*FJ(0C`"
+    "r<T_Lr)iW1j3+@Rc@O&qLcY`szo#A~(9f50B3}c$~BwqUr(0MBY=Xg(<cDG~T9q>z{4Anc&g(HF%^8~tml^c7s#?0qEm"
+    "(~GG;C0zNnu@=JKo=eb?q~BDd_3;Mb!Wh0xSufNJ%d`!1B~Uwbx)FvB0#()dWZ4=D#*ZXoLu9Ju;N1ueVxOKz;Xj9#Q;"
+    "sC6PG%w#!)EXq$8k}h={;kT3!vOB)9;tuSWM<e4~j_Sl&u@0Q<D1%BW5|K*IqB!-YYDCM-i=&P^SrCWFCh9qb&aBOdIR"
+    "ZUv0m-vOY#j-CTOzrS*WBoc3FE0&RAW^Q<6m{}|T2OvG(pD?m_IQZ>cFXOI3Tf$ciJhC;xeN2FCy0z+P>H!Ar&k3A|Ru"
+    "wGhZ|a;FX8V1iLP~ML5PLK4Xr!d35ck{=!^H|+L>P{#6M2BVCLvJ&1`doJrkz;D3ztv>Q`Gt-pSULy5{x?O4{)((EDoB"
+    "%MDQ`6x=`yBL7iY(<JDROoqP}U?r6f$4B<vVf)BiKC4wVtMawNCVVw#Iwy<*l+x068ZyTlj+H|kyR(`UzE7xaN{$$)ZB"
+    "71A)eO#1b=*)|5v0i!hfv4;0OnsN;s{nHE090T^G{!pFxF`YOL{E{xW-I;$k+A+|EHszu0dZ>~q53+*SY0{fbj=Gm6y3"
+    "A<e6m+j#l@EwN~dEbuVSbTEU`@c-Z_t$pb&B9pTHA|f_{UzBETkk^T{~F$T<N}y!FLb6n}-D=pZGbW268dSD{|I<kR!>"
+    "^_Nj++Gx%J`QlkS?%M>I51K4{#chZqp*0j6FP)d}8D`nEP5ae!`=t$_$=e8Mp>iVad%s`J(5y|hG#zj%`*Gm2De#A0&r"
+    "Q(?ma2RSUJVak3tqnGTp@DLSwf_j(W9>Da`Tjtj-I}(d27i$K?TzJ2fphyFcYw1x%R@FU0&A3kwl2ax4WGnXfYyQc7fJ"
+    "q<-<vIT<U>>kHhEn{MnCOzk052_2`2yuIs}Giy%{$#6Q`~)kVXh^l}3%B)$T`KxhwOHPiaqO60|DaWn4ghqpt{A9e-*E"
+    "a0Q@s<2n+sxX8qdqdIk_8heNyJ#9SL1n!)%Y~l()>hxS0PLo6f-@=JphD0}@0<Px?63nE0W>9-*mqzcU-J)vdWlhnxW8"
+    "M#O#lMkSt}TId$thbbAQM)3~xwfT}tpayl(US0F=;IP`e~qG6yhJ31{to+hL8T*xsDy_BD!VhD!IECqO&ym=lJMcij_W"
+    "u6df2d+6U#^eF8~Abm)XPe#x@<=gD1Am8o7oZnA;#m(+iFA4BHJP4_LfDSAQ!k|EwGZ9+^uILNA`vo{&Ey}=-hZF_c_>"
+    ")2C)jADC;I#D)=({__F!Fc^F|WF>dORgS;qAVin{zN@j1YF<+n)r`9SxzaP(y+bEvPrIRpNZi+wKQ4BfxBb^Xf2+ctX4"
+    "ghBe8n9t7M2LwLztOu#_0AXp8eX3dym8CP!|gm={ey-21bpy8j47H_N>+CRJs_dWCfi1Y?5(sQWl#l*FpH`45>sCMw#?"
+    ">&EZ-Fp6HTS4`YHrwHr#cfRflpqHzP9vDdk$F=+VbRTGo7w;W61;mOin*<slEmAdwNIj9bFGzS%e`y5qITn9emb2nAUQ"
+    "28STxPIg(==20b05zL>_{Nt*J}izwkNz=GFOiIiS2|pMt9xkb$3K`oPv$GX4*Qw2ma;f+#`%->C#uZO;6Gmp~GpijIpA"
+    "vkxx~V=b~P@FL0VgZ}lT&G*63(=x#4xA0uy1XS^VmGDO#d|Zi?aZS(~C812O$~~XN3Eefp{+fG*v(M-8__}}Q;r|0DC>"
+    "$g"
+)
+# Passwords every leaked list tops that the list above leaves out (it drops words that other
+# zxcvbn dictionaries rank higher: names, sports) or that carry a digit suffix it lacks.
+EXTRA_COMMON_PASSWORDS = frozenset(
     """
-    password1 password12 password123 password1234 passw0rd p@ssw0rd p@ssword pa55word
-    qwerty123 qwerty1234 qwertyuiop1 1qaz2wsx 1q2w3e4r 1q2w3e4r5t zaq12wsx qazwsx123
-    abc12345 abcd1234 abc123456 a1b2c3d4 12345abc 123456789a 12345678a 1234567a
-    iloveyou1 letmein1 welcome1 welcome123 admin123 admin1234 administrator1 root1234
-    monkey123 dragon123 sunshine1 princess1 football1 baseball1 master123 trustno1
-    superman1 batman123 michael1 charlie1 shadow123 asdf1234 asdfgh123 zxcvbnm1
-    test1234 testing123 changeme1 secret123 login123 hello123 computer1 internet1
+    password1234 p@ssword qwertyuiop1 administrator1 admin1234 root1234 asdfgh123 batman123
+    changeme1 login123 secret123 shadow123 testing123 jennifer michelle christopher
+    basketball december
     """.split()
 )
 
 
+@functools.cache
+def common_passwords() -> frozenset[str]:
+    """The shipped list of common passwords, lower-case."""
+    text = zlib.decompress(base64.b85decode(COMMON_PASSWORDS_BLOB)).decode("utf-8")
+    return frozenset(text.split("\n")) | EXTRA_COMMON_PASSWORDS
+
+
 def normalize_email(raw: str | None) -> str | None:
-    """The trimmed, lower-cased address, or None if it does not look like one."""
+    """A new address, trimmed and lower-cased, if it follows API.md's grammar; else None."""
     if raw is None:
         return None
-    email = raw.strip().lower()
-    if len(email) > 254 or not EMAIL_RE.fullmatch(email):
+    email = raw.strip(_ASCII_BLANKS)
+    # ASCII first: str.lower() turns some non-ASCII letters (the Kelvin sign) into ASCII.
+    if not email.isascii() or len(email) > EMAIL_MAX:
+        return None
+    email = email.lower()
+    if not EMAIL_RE.fullmatch(email) or email.index("@") > EMAIL_LOCAL_MAX:
+        return None
+    return email
+
+
+def lookup_email(raw: str) -> str | None:
+    """An address to look an existing account up by: trimmed, lower-cased, printable.
+
+    Lenient on purpose: an account registered before the grammar above was enforced can
+    still sign in and recover its password; new addresses go through normalize_email.
+    """
+    email = raw.strip(_ASCII_BLANKS).lower()
+    if "@" not in email or len(email) > EMAIL_MAX or not email.isprintable():
         return None
     return email
 
@@ -1309,20 +1714,52 @@ def normalize_phone(raw: str | None) -> str | None:
     return phone if 5 <= len(digits) <= 20 else None
 
 
-def password_problem(password: str) -> str | None:
-    """Why a new password is not acceptable, or None."""
-    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
-        return f"Password must be {PASSWORD_MIN} to {PASSWORD_MAX} characters long"
-    kinds = (
-        any(c.isalpha() for c in password)
-        + any(c.isdigit() for c in password)
-        + any(not c.isalnum() for c in password)
-    )
-    if kinds < 2:
-        return "Password must mix at least two of: letters, digits, other characters"
-    if password.lower() in COMMON_PASSWORDS:
-        return "Password is too common; choose another"
-    return None
+def read_password_blocklist(path: str) -> frozenset[str]:
+    """PASSWORD_BLOCKLIST_FILE: one password a line (UTF-8), compared lower-case."""
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        return frozenset(
+            word for line in lines if len(word := line.strip().lower()) >= PASSWORD_MIN
+        )
+
+
+class PasswordPolicy:
+    """ASVS 5.0 V6.2: a length, no composition rules (unless PASSWORD_REQUIRE_MIX=1), no
+    common password, nothing that names the account or the site."""
+
+    # Shorter local parts and site names would refuse passwords by coincidence ("al").
+    MIN_NAME_PART = 4
+
+    def __init__(self, cfg: Config) -> None:
+        self._require_mix = cfg.password_require_mix
+        self._site_name = cfg.site_name.strip().lower()
+        self._blocklist = (
+            read_password_blocklist(cfg.password_blocklist_file)
+            if cfg.password_blocklist_file
+            else frozenset()
+        )
+
+    def problem(self, password: str, email: str | None = None) -> str | None:
+        """Why a new password is not acceptable (the rule it breaks), or None."""
+        if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
+            return f"Password must be {PASSWORD_MIN} to {PASSWORD_MAX} characters long"
+        if self._require_mix:
+            kinds = (
+                any(c.isalpha() for c in password)
+                + any(c.isdigit() for c in password)
+                + any(not c.isalnum() for c in password)
+            )
+            if kinds < 2:
+                return "Password must mix at least two of: letters, digits, other characters"
+        folded = password.lower()
+        if folded in common_passwords() or folded in self._blocklist:
+            return "Password is on the list of common passwords; choose another"
+        if email:
+            local = email.partition("@")[0]
+            if folded == email or (len(local) >= self.MIN_NAME_PART and local in folded):
+                return "Password must not contain your email address"
+        if len(self._site_name) >= self.MIN_NAME_PART and self._site_name in folded:
+            return "Password must not contain the site name"
+        return None
 
 
 class PasswordHasher:
@@ -1336,16 +1773,41 @@ class PasswordHasher:
             type=argon2.Type.ID,
         )
         self._slots = threading.BoundedSemaphore(cfg.argon2_max_concurrency)
+        self._max_queue = cfg.argon2_max_queue
+        self._queued = 0
+        self._queue_lock = threading.Lock()
         self._offload = gevent.monkey.is_module_patched("threading")
         self._dummy_hash: str | None = None
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         # Argon2 releases the GIL, so a worker thread hashes while the loop serves others;
         # the semaphore caps memory at argon2_memory_kib x argon2_max_concurrency.
-        with self._slots:
+        if not self._slots.acquire(blocking=False):
+            self._wait_for_slot()
+        try:
             if self._offload:
                 return gevent.get_hub().threadpool.apply(fn, args)
             return fn(*args)
+        finally:
+            self._slots.release()
+
+    def _wait_for_slot(self) -> None:
+        # A flood of logins (60 addresses at once) would queue here and push every real
+        # login past a second; beyond ARGON2_MAX_QUEUE waiting, refuse at once instead.
+        with self._queue_lock:
+            if self._queued >= self._max_queue:
+                raise ApiError(
+                    503,
+                    "busy",
+                    "Too many sign-ins at once, try again in a moment",
+                    {"Retry-After": "1"},
+                )
+            self._queued += 1
+        try:
+            self._slots.acquire()
+        finally:
+            with self._queue_lock:
+                self._queued -= 1
 
     def hash(self, password: str) -> str:
         """A new Argon2id hash of a password."""
@@ -1392,17 +1854,62 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def sign(secret: bytes, purpose: str, payload: str) -> str:
+    """A 128-bit HMAC-SHA256 of payload for one purpose, URL-safe base64."""
+    mac = hmac.new(secret, f"{purpose}\0{payload}".encode(), hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
+
+def signature_matches(secret: bytes, purpose: str, payload: str, signature: str) -> bool:
+    """True if signature is sign(secret, purpose, payload); constant time."""
+    return hmac.compare_digest(sign(secret, purpose, payload), signature)
+
+
+_VISITOR_ID_RE = re.compile(r"([A-Za-z0-9_-]{22})\.([0-9]{1,12})\.([A-Za-z0-9_-]{22})")
+
+
+def new_visitor_id(secret: bytes) -> str:
+    """A chat visitor id only this server can have issued: random, issue time, signature."""
+    payload = f"{secrets.token_urlsafe(16)}.{int(time.time())}"
+    return f"{payload}.{sign(secret, 'visitor', payload)}"
+
+
+def visitor_id_is_valid(secret: bytes, value: str, max_age: int) -> bool:
+    """True for an id new_visitor_id issued within max_age seconds; made-up ones fail."""
+    match = _VISITOR_ID_RE.fullmatch(value)
+    if match is None or time.time() - int(match.group(2)) > max_age:
+        return False
+    return signature_matches(secret, "visitor", value.rpartition(".")[0], match.group(3))
+
+
+_DEVICE_COOKIE_RE = re.compile(r"([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{22})")
+
+
+def new_device_cookie(secret: bytes, user_id: int) -> str:
+    """OWASP's device cookie: a browser's proof that it signed in to this account before."""
+    nonce = secrets.token_urlsafe(16)
+    return f"{nonce}.{sign(secret, f'device:{user_id}', nonce)}"
+
+
+def device_nonce(secret: bytes, value: str | None, user_id: int) -> str | None:
+    """The nonce of a device cookie issued for this account, or None."""
+    match = _DEVICE_COOKIE_RE.fullmatch(value or "")
+    if match and signature_matches(secret, f"device:{user_id}", match.group(1), match.group(2)):
+        return match.group(1)
+    return None
+
+
 # One rate-limited attempt: (rule, action, whose: an address, an email, a visitor id).
 LimitCheck = tuple[RateLimit, str, str]
 
 
-def rate_limit_windows(checks: Sequence[LimitCheck]) -> list[tuple[str, int]]:
-    """The key-value store's (key, window) for each check."""
+def rate_limit_windows(checks: Sequence[LimitCheck]) -> list[tuple[str, int, int]]:
+    """The key-value store's (key, window, limit) for each check."""
     windows = []
     for rule, action, whose in checks:
         # Hashed, so that emails and addresses never sit in the key space in clear.
         digest = hashlib.sha256(whose.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        windows.append((f"rl:{action}:{digest}", rule.window))
+        windows.append((f"rl:{action}:{digest}", rule.window, rule.limit))
     return windows
 
 
@@ -1439,6 +1946,20 @@ def client_ip(environ: Mapping[str, Any], trusted: tuple[Any, ...]) -> str:
     return peer
 
 
+def address_key(ip: str, ipv6_prefix: int) -> str:
+    """What a client address counts as for rate limits: an IPv4 address itself, an IPv6
+    one by its network of IPV6_PREFIX_LENGTH bits (a subscriber holds a whole /64)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 4:
+        return ip
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network((address, ipv6_prefix), strict=False))
+
+
 def _is_trusted(address: str, trusted: tuple[Any, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
@@ -1460,24 +1981,41 @@ def _session_cache_key(id_hash: str) -> str:
 # session costs one Redis GET and no SQL. Only active users are cached.
 _CACHED_USER_FIELDS = ("id", "uid", "email", "phone", "display_name")
 _CACHED_USER_KEYS = frozenset(_CACHED_USER_FIELDS)
+# What a revoked session's cache key holds instead, for a while: a request that read the
+# session from SQL just before the revocation and fills the cache just after finds the key
+# taken (the fill is SET NX), so revocation wins every race. The mark outlives the longest
+# gap between such a read and its fill by far.
+_REVOKED = "revoked"
+REVOCATION_MARK_SECONDS = 60
 
 
 def _cache_session(
-    cfg: Config, kv: KeyValueStore, id_hash: str, user: dict[str, Any], expires_at: dt.datetime
+    cfg: Config,
+    kv: KeyValueStore,
+    id_hash: str,
+    user: dict[str, Any],
+    expires_at: dt.datetime,
+    unreadable: str | None = None,
 ) -> None:
-    """Cache a live session of an active user for at most SESSION_CACHE_SECONDS.
+    """Cache a live session of an active user for at most SESSION_CACHE_SECONDS, unless the
+    key is taken (by a revocation mark, or an entry another request filled); an entry this
+    request found unreadable (an older release's format) is replaced only if still there.
 
     Only a shared store (Redis) caches: an in-process cache could not hear of a revocation
     made by another process, and SQLite in the same process answers about as fast. The
-    bound is how long a change made straight in SQL (not through CloudChat, which evicts)
-    can take to reach a live session.
+    bound is how long a change made straight in SQL (not through CloudChat, which marks
+    the key) can take to reach a live session.
     """
     ttl = min(cfg.session_cache_seconds, int((expires_at - utcnow()).total_seconds()))
     if not kv.shared or ttl <= 0:
         return
     value = json.dumps({name: user[name] for name in _CACHED_USER_FIELDS}, separators=(",", ":"))
+    key = _session_cache_key(id_hash)
     try:
-        kv.set(_session_cache_key(id_hash), value, ttl)
+        if unreadable is None:
+            kv.set(key, value, ttl, only_if_absent=True)
+        else:
+            kv.replace(key, unreadable, value, ttl)
     except StoreUnavailable as exc:
         outage_log.warning("session cache not filled", exc)
 
@@ -1519,12 +2057,15 @@ def get_session_user(
 ) -> dict[str, Any] | None:
     """The active user of a live session: from the cache, else from SQL; None otherwise."""
     id_hash = token_hash(token)
+    cached = None
     if kv.shared:
         try:
             cached = kv.get(_session_cache_key(id_hash))
         except StoreUnavailable as exc:
             outage_log.warning("session cache unavailable, reading SQL", exc)
             cached = None
+        if cached == _REVOKED:
+            return None
         user = _user_from_cache(cached) if cached is not None else None
         if user is not None:
             return user
@@ -1532,38 +2073,50 @@ def get_session_user(
     if found is None or not found[0]["is_active"]:
         return None
     user, expires_at = found
-    _cache_session(cfg, kv, id_hash, user, expires_at)
+    _cache_session(cfg, kv, id_hash, user, expires_at, unreadable=cached)
     return user
 
 
-def revoke_session(sql: SqlStore, kv: KeyValueStore, token: str) -> None:
+def revoke_session(sql: SqlStore, kv: KeyValueStore, cfg: Config, token: str) -> None:
     """End one session at once: SQL first (the authority), then the cache."""
     id_hash = token_hash(token)
-    mark_session_revoked(sql, id_hash)
-    _evict_cached_sessions(kv, [id_hash])
+    # Nothing to mark for a made-up id or an ended session: no request can be filling the
+    # cache from a live row, and a planted cookie must not make keys.
+    if mark_session_revoked(sql, id_hash):
+        _mark_cached_sessions_revoked(kv, cfg, [id_hash])
 
 
 def revoke_user_sessions(
-    sql: SqlStore, kv: KeyValueStore, user_id: int, keep_token: str | None = None
+    sql: SqlStore, kv: KeyValueStore, cfg: Config, user_id: int, keep_token: str | None = None
 ) -> int:
-    """End every session of a user (but `keep_token`'s); return how many ended.
+    """End every session of a user (but `keep_token`'s) and every password-reset link
+    still out for the account; return how many sessions ended.
 
-    The per-user index is sessions(user_id) in SQL: it survives a Redis flush, and the
-    hashes it returns name exactly the cache keys to drop, so nothing scans the key space.
+    Every caller (password change and reset, deactivation) ends what a thief may hold: a
+    link mailed before the change must not undo it. The per-user index is sessions(user_id)
+    in SQL: it survives a Redis flush, and the hashes it returns name exactly the cache
+    keys to mark, so nothing scans the key space.
     """
     hashes = mark_user_sessions_revoked(
         sql, user_id, token_hash(keep_token) if keep_token else None
     )
-    _evict_cached_sessions(kv, hashes)
+    delete_reset_tokens(sql, user_id)
+    _mark_cached_sessions_revoked(kv, cfg, hashes)
     return len(hashes)
 
 
-def _evict_cached_sessions(kv: KeyValueStore, hashes: list[str]) -> None:
+def _mark_cached_sessions_revoked(kv: KeyValueStore, cfg: Config, hashes: list[str]) -> None:
+    if not kv.shared:
+        return
     try:
-        kv.delete(*(_session_cache_key(h) for h in hashes))
+        kv.set_many(
+            [_session_cache_key(h) for h in hashes],
+            _REVOKED,
+            cfg.session_cache_seconds + REVOCATION_MARK_SECONDS,
+        )
     except StoreUnavailable as exc:
         # SQL already says revoked; a cache that comes back empty holds nothing stale.
-        log.error("revoked sessions not evicted from the cache: %s", exc)
+        log.error("revoked sessions not marked in the cache: %s", exc)
 
 
 ###############################################################################
@@ -2187,21 +2740,42 @@ def echo_events(message: str) -> Iterator[list[tuple[str, Any]]]:
         yield [("text", word if index == len(words) - 1 else word + " ")]
 
 
-def _history_key(visitor: str) -> str:
-    return f"chat:{token_hash(visitor)[:32]}"
+def history_owner(user: dict[str, Any] | None, visitor: str | None) -> str | None:
+    """Whose history a chat joins: the account when logged in, else the visitor id."""
+    return f"user:{user['id']}" if user is not None else visitor
+
+
+def _history_key(owner: str) -> str:
+    return f"chat:{token_hash(owner)[:32]}"
+
+
+# What Redis spends on a list key beyond its items' bytes, and on each item (measured with
+# MEMORY USAGE on Redis 7, rounded up): the history budget counts these too.
+HISTORY_KEY_OVERHEAD = 128
+HISTORY_ITEM_OVERHEAD = 24
 
 
 def count_chat_and_load_history(
-    kv: KeyValueStore, cfg: Config, checks: Sequence[LimitCheck], visitor: str
-) -> tuple[int | None, list[dict[str, str]]]:
-    """Count a chat request against its limits and read the visitor's recent rounds, in one
-    round trip: (seconds to wait if over a limit, else None; messages, oldest first)."""
+    kv: KeyValueStore,
+    cfg: Config,
+    checks: Sequence[LimitCheck],
+    owner: str | None,
+    new_visitor_check: LimitCheck | None = None,
+) -> tuple[int | None, list[dict[str, str]], bool]:
+    """Count a chat request against its limits and read the owner's recent rounds, in one
+    round trip.
+
+    Returns the seconds to wait if over a chat limit (else None); the messages, oldest
+    first; and whether a new visitor may be given an id (new_visitor_check, the address's
+    limit on new visitor ids, is not exceeded).
+    """
+    every_check = [*checks, new_visitor_check] if new_visitor_check else list(checks)
+    reads_history = owner is not None and new_visitor_check is None and cfg.max_history > 0
     counts, items = kv.hit_many(
-        rate_limit_windows(checks), read_list=(_history_key(visitor), cfg.chat_history_ttl)
+        rate_limit_windows(every_check), read_list=_history_key(owner) if reads_history else None
     )
-    wait = seconds_until_allowed(checks, counts)
-    if wait is not None or cfg.max_history == 0:
-        return wait, []
+    wait = seconds_until_allowed(checks, counts[: len(checks)])
+    may_issue = new_visitor_check is None or counts[-1][0] <= new_visitor_check[0].limit
     messages = []
     for item in items:
         try:
@@ -2210,23 +2784,68 @@ def count_chat_and_load_history(
             continue
         if isinstance(message, dict) and message.get("role") in ("user", "assistant"):
             messages.append({"role": message["role"], "content": str(message.get("content"))})
-    return None, messages[-2 * cfg.max_history :]
+    return wait, messages[-2 * cfg.max_history :], may_issue
 
 
-def save_round(kv: KeyValueStore, cfg: Config, visitor: str, question: str, answer: str) -> None:
-    """Append one finished round (question and answer together) to the visitor's history."""
+def _history_item(role: str, content: str) -> str:
+    return json.dumps({"role": role, "content": content}, ensure_ascii=False)
+
+
+def save_round(
+    kv: KeyValueStore,
+    cfg: Config,
+    owner: str,
+    history: list[dict[str, str]],
+    question: str,
+    answer: str,
+) -> bool:
+    """Append one finished round (question and answer together) to the owner's history,
+    within its bounds; True if it was kept.
+
+    Bounds, so that nothing a client does can fill Redis (and evict what protects
+    accounts): MAX_HISTORY rounds and CHAT_HISTORY_MAX_BYTES per owner, older rounds
+    dropped first; and CHAT_HISTORY_BUDGET_MB for everyone together. A history lives
+    CHAT_HISTORY_TTL seconds after its last write (reading does not extend it), so every
+    live history was written within the last two fixed windows of that length: the bytes
+    written in those two windows bound what all histories hold. Beyond the budget, new
+    rounds are not kept (the chat still answers).
+    """
     if cfg.max_history == 0:
-        return
-    items = [
-        json.dumps({"role": "user", "content": question}, ensure_ascii=False),
-        json.dumps({"role": "assistant", "content": answer}, ensure_ascii=False),
-    ]
-    kv.append_list(_history_key(visitor), items, 2 * cfg.max_history, cfg.chat_history_ttl)
+        return False
+    items = [_history_item("user", question), _history_item("assistant", answer)]
+    size = sum(len(item.encode()) for item in items)
+    if size > cfg.chat_history_max_bytes:
+        log.info("chat round not kept: longer than CHAT_HISTORY_MAX_BYTES")
+        return False
+    keep = 2
+    room = 2 * cfg.max_history - 2  # items of older rounds that may stay
+    older = [_history_item(m["role"], m["content"]) for m in (history[-room:] if room else [])]
+    while len(older) >= keep:
+        pair = sum(len(item.encode()) for item in older[-keep : len(older) - keep + 2])
+        if size + pair > cfg.chat_history_max_bytes:
+            break
+        size += pair
+        keep += 2
+    else:
+        # All of it fits: keep MAX_HISTORY rounds, so that a round another tab saved since
+        # this request read the history is not trimmed away with it.
+        keep = 2 * cfg.max_history
+    window = cfg.chat_history_ttl
+    bucket = int(time.time()) // window
+    cost = size + HISTORY_KEY_OVERHEAD + HISTORY_ITEM_OVERHEAD * keep
+    spent = kv.add_to_windows(f"histbudget:{bucket}", f"histbudget:{bucket - 1}", cost, 2 * window)
+    if spent > cfg.chat_history_budget_mb * 1024 * 1024:
+        outage_log.warning(
+            "chat history budget reached", "new rounds are not kept (CHAT_HISTORY_BUDGET_MB)"
+        )
+        return False
+    kv.append_list(_history_key(owner), items, keep, window)
+    return True
 
 
-def clear_history(kv: KeyValueStore, visitor: str) -> None:
-    """Forget the visitor's history."""
-    kv.delete(_history_key(visitor))
+def clear_history(kv: KeyValueStore, owner: str) -> None:
+    """Forget the owner's history."""
+    kv.delete(_history_key(owner))
 
 
 class VisitorLeft(Exception):
@@ -2406,10 +3025,17 @@ class Services:
     cfg: Config
     sql: SqlStore
     kv: KeyValueStore
+    passwords: PasswordPolicy
     hasher: PasswordHasher
     mailer: Mailer
     upstream: UpstreamPool
     open_streams: int = 0  # chat answers being relayed right now
+
+    @functools.cached_property
+    def secret(self) -> bytes:
+        """The key that signs visitor ids and device cookies: SECRET_KEY, or in development
+        one kept in the database (read at first use, so a server starts while it is down)."""
+        return (self.cfg.secret_key or get_or_create_server_secret(self.sql, "cookies")).encode()
 
     def close(self) -> None:
         """Release the stores' and the providers' connections."""
@@ -2502,6 +3128,7 @@ def create_app(
         cfg=cfg,
         sql=sql or open_sql_store(cfg),
         kv=kv or open_kv_store(cfg),
+        passwords=PasswordPolicy(cfg),
         hasher=PasswordHasher(cfg),
         mailer=Mailer(cfg),
         upstream=UpstreamPool(cfg.chat_connect_timeout, cfg.chat_read_timeout),
@@ -2592,16 +3219,28 @@ def enforce_rate_limits(kv: KeyValueStore, checks: Sequence[LimitCheck]) -> None
 def parse_identifier(identifier: str) -> tuple[str | None, str | None]:
     """(email, phone) named by a login identifier; both None if it is neither."""
     if "@" in identifier:
-        return normalize_email(identifier), None
+        return lookup_email(identifier), None
     return None, normalize_phone(identifier)
 
 
-def over_login_limits(s: Services, ip: str, identifier_key: str) -> bool:
-    """Count a password attempt against the login limits (per IP, per identifier)."""
-    checks = [
-        (s.cfg.rate_login_ip, "login_ip", ip),
-        (s.cfg.rate_login_identifier, "login_id", identifier_key),
-    ]
+def client_address_key(cfg: Config) -> str:
+    """The request's client address as rate limits count it (IPv6 by its network)."""
+    return address_key(
+        client_ip(bottle.request.environ, cfg.trusted_proxies), cfg.ipv6_prefix_length
+    )
+
+
+DEVICE_COOKIE_NAME = "cc_device"
+DEVICE_COOKIE_SECONDS = 180 * 86400
+
+
+def over_login_limits(s: Services, account_key: str, device: str | None = None) -> bool:
+    """Count a password attempt against the login limits: the client's address, and the
+    account (email and phone alike), or, for a browser holding a device cookie of that
+    account, that browser alone, so that other addresses' failures cannot lock it out."""
+    rule = s.cfg.rate_login_identifier
+    second = (rule, "login_device", device) if device else (rule, "login_id", account_key)
+    checks = [(s.cfg.rate_login_ip, "login_ip", client_address_key(s.cfg)), second]
     return over_rate_limits(s.kv, checks) is not None
 
 
@@ -2622,7 +3261,7 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
         display_name = (str_field(body, "display_name") or "").strip() or None
         if email is None:
             raise ApiError(400, "invalid_email", "A valid email address is required")
-        problem = password_problem(password or "")
+        problem = s.passwords.problem(password or "", email)
         if problem:
             raise ApiError(400, "weak_password", problem)
         if phone_raw and phone is None:
@@ -2633,11 +3272,10 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
             raise ApiError(
                 400, "invalid_input", f"Display name must be at most {DISPLAY_NAME_MAX} characters"
             )
-        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
         enforce_rate_limits(
             s.kv,
             [
-                (cfg.rate_register_ip, "register_ip", ip),
+                (cfg.rate_register_ip, "register_ip", client_address_key(cfg)),
                 (cfg.rate_register_email, "register_email", email),
             ],
         )
@@ -2661,11 +3299,17 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
         if not identifier or not password:
             raise ApiError(400, "invalid_input", "Identifier and password are required")
         email, phone = parse_identifier(identifier)
-        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
-        if over_login_limits(s, ip, email or phone or identifier.lower()):
-            raise ApiError(401, *INVALID_CREDENTIALS)
+        # The account is looked up first, so that its limit counts the account (email and
+        # phone alike); every path below costs one password check, so neither the answer
+        # nor its timing tells an unknown account, a wrong password or a limit apart.
         found = get_password_login(s.sql, email, phone) if (email or phone) else None
-        if found is None:
+        account_key = f"user:{found[0]['id']}" if found else (email or phone or identifier.lower())
+        device = (
+            device_nonce(s.secret, read_cookie(DEVICE_COOKIE_NAME), found[0]["id"])
+            if found
+            else None
+        )
+        if over_login_limits(s, account_key, device) or found is None:
             s.hasher.spend_one_verification(password)
             raise ApiError(401, *INVALID_CREDENTIALS)
         user, password_hash = found
@@ -2676,18 +3320,29 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
         previous = auth_token(cfg)
         if previous:
             # Never keep a session id from before the login (fixation): end it.
-            revoke_session(s.sql, s.kv, previous)
+            revoke_session(s.sql, s.kv, cfg, previous)
         user_agent = bottle.request.environ.get("HTTP_USER_AGENT", "")
+        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
         token = create_session(s.sql, s.kv, cfg, user, user_agent, ip)
         _set_auth_cookie(cfg, token, cfg.session_ttl)
+        if device is None:
+            set_cookie(
+                cfg,
+                DEVICE_COOKIE_NAME,
+                new_device_cookie(s.secret, user["id"]),
+                DEVICE_COOKIE_SECONDS,
+            )
+        # The account's history from now on; the next person on this browser starts afresh.
+        set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
         return {"ok": True}
 
     @router.post("/auth/logout")
     def logout() -> dict[str, Any]:
         token = auth_token(cfg)
         if token:
-            revoke_session(s.sql, s.kv, token)
+            revoke_session(s.sql, s.kv, cfg, token)
         _set_auth_cookie(cfg, "", 0)
+        set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
         return {"ok": True}
 
     @router.get("/auth/me")
@@ -2781,11 +3436,13 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
         if not identifier:
             raise ApiError(400, "invalid_input", "Identifier is required")
         email, phone = parse_identifier(identifier)
-        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
         key = email or phone or identifier.lower()
         over = over_rate_limits(
             s.kv,
-            [(cfg.rate_forgot_ip, "forgot_ip", ip), (cfg.rate_forgot_identifier, "forgot_id", key)],
+            [
+                (cfg.rate_forgot_ip, "forgot_ip", client_address_key(cfg)),
+                (cfg.rate_forgot_identifier, "forgot_id", key),
+            ],
         )
         answer: dict[str, Any] = {"ok": True}
         if over is not None:
@@ -2805,19 +3462,26 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
         body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
         token = (str_field(body, "token") or "").strip()
         password = str_field(body, "password") or ""
-        if password_problem(password):
-            raise ApiError(400, "weak_password", "Invalid token or weak password")
+        weak = ApiError(400, "weak_password", "Invalid token or weak password")
+        if s.passwords.problem(password):
+            raise weak
         invalid = ApiError(400, "invalid_token", "Token invalid or expired")
         if not token or len(token) > 128:
             raise invalid
         id_hash = token_hash(token)
         # A cheap look first, so a stale token costs no Argon2 hash; the claim is atomic below.
-        if get_reset_user_id(s.sql, id_hash) is None:
+        owner_id = get_reset_user_id(s.sql, id_hash)
+        owner = get_user_by_id(s.sql, owner_id) if owner_id is not None else None
+        if owner is None:
             raise invalid
+        if s.passwords.problem(password, owner["email"]):
+            raise weak
         user_id = consume_reset_token(s.sql, id_hash, s.hasher.hash(password))
         if user_id is None:
             raise invalid
-        revoked = revoke_user_sessions(s.sql, s.kv, user_id) if cfg.pwreset_revoke_sessions else 0
+        revoked = (
+            revoke_user_sessions(s.sql, s.kv, cfg, user_id) if cfg.pwreset_revoke_sessions else 0
+        )
         user = get_user_by_id(s.sql, user_id)
         if user:
             s.mailer.send(password_changed_mail(cfg, user["email"]))
@@ -2831,23 +3495,21 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
         new = str_field(body, "new_password") or ""
         if not current or not new:
             raise ApiError(400, "invalid_input", "current_password and new_password are required")
-        problem = password_problem(new)
+        problem = s.passwords.problem(new, user["email"])
         if problem:
             raise ApiError(400, "weak_password", problem)
-        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
         # A wrong current password is a password guess: it counts like a login attempt.
-        if over_login_limits(s, ip, user["email"]):
+        if over_login_limits(s, f"user:{user['id']}"):
             raise ApiError(401, *INVALID_CREDENTIALS)
         found = get_password_login(s.sql, user["email"], None)
         if found is None or not s.hasher.verify(found[1], current):
             raise ApiError(401, *INVALID_CREDENTIALS)
         update_password_hash(s.sql, user["id"], s.hasher.hash(new))
-        revoked = revoke_user_sessions(s.sql, s.kv, user["id"], keep_token=auth_token(cfg))
+        revoked = revoke_user_sessions(s.sql, s.kv, cfg, user["id"], keep_token=auth_token(cfg))
         s.mailer.send(password_changed_mail(cfg, user["email"]))
         return {"ok": True, "revoked_sessions": revoked}
 
 
-VISITOR_ID_RE = re.compile(r"[A-Za-z0-9_-]{22,64}")
 CHAT_BUSY_FLUSH_SECONDS = 0.05  # 20 writes a second: still a smooth stream to read
 CHAT_FAILURES = {
     "auth": (503, "chat_unavailable", "Chat is unavailable right now"),
@@ -2902,11 +3564,13 @@ def relay_chat(
     stream: ChatStream | None,
     batches: Iterator[list[tuple[str, Any]]],
     first: list[tuple[str, Any]],
-    visitor: str,
+    owner: str | None,
+    history: list[dict[str, str]],
     question: str,
     watch: HangupWatch,
 ) -> Iterator[bytes]:
-    """The visitor's NDJSON stream; the round joins the history once it is complete.
+    """The visitor's NDJSON stream; the round joins the owner's history (none: a visitor
+    over its address's limit of new ids, who keeps nothing) once it is complete.
 
     Lines go out as tokens arrive. With more than CHAT_BUSY_STREAMS answers streaming at
     once, a stream writes at most every CHAT_BUSY_FLUSH_SECONDS, several tokens a write:
@@ -2931,9 +3595,9 @@ def relay_chat(
                 if s.open_streams > s.cfg.chat_busy_streams:
                     gevent.sleep(CHAT_BUSY_FLUSH_SECONDS)
         answer = "".join(reply)
-        if answer:
+        if answer and owner is not None:
             try:
-                save_round(s.kv, s.cfg, visitor, question, answer)
+                save_round(s.kv, s.cfg, owner, history, question, answer)
             except StoreUnavailable as exc:
                 outage_log.warning("chat round not saved", exc)
         yield _json_bytes({"done": True, "usage": usage} if usage else {"done": True}) + b"\n"
@@ -2955,19 +3619,15 @@ def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
     """POST /deepseek_chat, /reset_chat."""
     cfg = s.cfg
 
-    def visitor_id(create: bool) -> str | None:
+    def visitor_id() -> str | None:
+        """The request's visitor id, if this server issued it (and it is not too old)."""
         raw = read_cookie(cfg.app_session_cookie_name) or ""
-        if VISITOR_ID_RE.fullmatch(raw):
-            return raw
-        if not create:
-            return None
-        visitor = secrets.token_urlsafe(24)
-        set_cookie(cfg, cfg.app_session_cookie_name, visitor, None)
-        return visitor
+        return raw if visitor_id_is_valid(s.secret, raw, cfg.session_ttl) else None
 
     @router.post("/deepseek_chat")
     def chat() -> Any:
-        if cfg.chat_require_auth and current_user(s) is None:
+        user = current_user(s)
+        if cfg.chat_require_auth and user is None:
             raise ApiError(401, "unauthorized", "Unauthorized")
         body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
         message = str_field(body, "message")
@@ -2977,16 +3637,29 @@ def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
             raise ApiError(
                 400, "message_too_long", f"Message exceeds {cfg.chat_max_chars} characters"
             )
-        visitor = visitor_id(create=True)
-        assert visitor is not None
-        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
+        address = client_address_key(cfg)
+        # A made-up, foreign or stale cc_app is never adopted: a new one is issued, counted
+        # against the address's limit on new ids (beyond it the answer keeps no history).
+        visitor = visitor_id() if user is None else None
+        new_visitor = new_visitor_id(s.secret) if user is None and visitor is None else None
+        owner = history_owner(user, visitor or new_visitor)
+        assert owner is not None
+        # The address first: past its limit, nothing further is counted or stored.
         checks = [
-            (cfg.rate_chat_visitor, "chat_visitor", visitor),
-            (cfg.rate_chat_ip, "chat_ip", ip),
+            (cfg.rate_chat_ip, "chat_ip", address),
+            (cfg.rate_chat_visitor, "chat_visitor", owner),
         ]
-        retry_after, history = count_chat_and_load_history(s.kv, cfg, checks, visitor)
+        issuing = (cfg.rate_visitor_ids_ip, "visitor_ids_ip", address) if new_visitor else None
+        retry_after, history, may_issue = count_chat_and_load_history(
+            s.kv, cfg, checks, owner, issuing
+        )
         if retry_after is not None:
             raise rate_limited(retry_after)
+        if new_visitor and may_issue:
+            set_cookie(cfg, cfg.app_session_cookie_name, new_visitor, None)
+        elif new_visitor:
+            log.info("chat: address over RATE_VISITOR_IDS_IP, answered without history")
+            owner = None
         messages = [
             {"role": "system", "content": cfg.system_prompt},
             *history,
@@ -3008,13 +3681,13 @@ def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
         bottle.response.content_type = "application/x-ndjson"
         bottle.response.set_header("Cache-Control", "no-store")
         bottle.response.set_header("X-Accel-Buffering", "no")  # nginx: pass lines on at once
-        return relay_chat(s, stream, batches, first, visitor, message, watch)
+        return relay_chat(s, stream, batches, first, owner, history, message, watch)
 
     @router.post("/reset_chat")
     def reset_chat() -> dict[str, Any]:
-        visitor = visitor_id(create=False)
-        if visitor:
-            clear_history(s.kv, visitor)
+        owner = history_owner(current_user(s), visitor_id())
+        if owner:
+            clear_history(s.kv, owner)
         return {"ok": True, "status": "Reset chat history successfully"}
 
 
@@ -3363,7 +4036,7 @@ def set_account_active(cfg: Config, address: str, active: bool) -> int:
             return 1
         # Through CloudChat rather than a bare UPDATE: the cached sessions go too, so the
         # account's next request is refused instead of up to SESSION_CACHE_SECONDS later.
-        ended = 0 if active else revoke_user_sessions(sql, kv, user_id)
+        ended = 0 if active else revoke_user_sessions(sql, kv, cfg, user_id)
     except StoreUnavailable as exc:
         print(f"cloudchat: {exc}", file=sys.stderr)
         return 1

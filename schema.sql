@@ -59,3 +59,11 @@ CREATE TABLE IF NOT EXISTS password_resets (
     expires_at   timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS password_resets_user_id_idx ON password_resets (user_id);
+
+-- Development only: the key that signs cookies when SECRET_KEY is unset, made by the first
+-- process that needs it. Production sets SECRET_KEY and never reads this table.
+CREATE TABLE IF NOT EXISTS server_secrets (
+    name         text PRIMARY KEY,
+    value        text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);

@@ -20,8 +20,8 @@ trap 'rm -rf "$work"' EXIT
 jar=$work/cookies
 rand=$(printf '%04x%04x%04x%04x' $RANDOM $RANDOM $RANDOM $RANDOM)
 email="smoke-$rand@${SMOKE_EMAIL_DOMAIN:-example.com}"
-password="Smoke-$rand-1x"
-new_password="Smoke-$rand-2y"
+password="Pw-$rand-1x-smoke"
+new_password="Pw-$rand-2y-smoke"
 step_name=""
 status=""
 body=""

@@ -36,6 +36,7 @@ HIGH_LIMITS = {
     "RATE_REGISTER_EMAIL": "100000/3600",
     "RATE_LOGIN_IP": "100000/600",
     "RATE_LOGIN_IDENTIFIER": "100000/600",
+    "RATE_VISITOR_IDS_IP": "100000/3600",
 }
 # HIGH_LIMITS plus the forgot and chat limits: for tests that hammer every endpoint.
 ALL_LIMITS_RAISED = {
@@ -51,6 +52,8 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "SAMEORIGIN",
     "Referrer-Policy": "strict-origin-when-cross-origin",
 }
+# Production refuses to start without a key that signs cookies.
+TEST_SECRET_KEY = "test-only-secret-key-" + "0" * 32
 INVALID_CREDENTIALS = {"ok": False, "error": "Invalid credentials", "code": "invalid_credentials"}
 UNAUTHORIZED = {"ok": False, "error": "Unauthorized", "code": "unauthorized"}
 

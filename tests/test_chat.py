@@ -24,8 +24,9 @@ from tests.helpers import (
     assert_error,
     free_port,
     parse_set_cookie,
+    random_email,
     random_hex,
-    register_and_login,
+    strong_password,
     wait_until,
 )
 from tests.hostile_net import server_stats
@@ -860,11 +861,17 @@ def test_require_auth_and_secure_cookie(make_server: ServerFactory, fake: FakePr
     srv = make_server.start("embedded", chat_env(fake, CHAT_REQUIRE_AUTH="1", COOKIE_SECURE="1"))
     assert_error(chat(srv, srv.client(), "hi").response, 401, "unauthorized")
     assert fake.requests == []
-    client, _, _ = register_and_login(srv)
+    client = srv.client()
+    email, password = random_email(), strong_password()
+    assert client.register(email, password).status == 201
+    login = client.login(email, password)
+    for name in ("cc_auth", "cc_device"):
+        cookie = login.cookie(name)
+        assert cookie is not None and "secure" in cookie[1], login.headers
     result = chat(srv, client, "hi")
     assert_streamed(result, echo_text("hi"))
-    cookie = result.response.cookie("cc_app")
-    assert cookie is not None and "secure" in cookie[1], result.response.headers
+    # A logged-in visitor's history belongs to the account: no visitor id is issued.
+    assert result.response.cookie("cc_app") is None, result.response.headers
 
 
 def test_chat_rate_limits_per_visitor_and_ip(

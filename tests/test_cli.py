@@ -15,6 +15,7 @@ from tests.helpers import (
     CHEAP_ARGON2,
     PYTHON,
     ROOT,
+    TEST_SECRET_KEY,
     Server,
     SilentTcpServer,
     base_env,
@@ -125,6 +126,7 @@ def _production_env(tmp_path: Path, **changes: str | None) -> dict[str, str]:
         REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
         CLOUDCHAT_DB_PATH=str(tmp_path / "unused.db"),
         DEEPSEEK_API_KEY="sk-test-unused",
+        SECRET_KEY=TEST_SECRET_KEY,
     )
     for key, value in changes.items():
         if value is None:
@@ -195,6 +197,7 @@ def test_production_with_safe_settings_starts(make_server: ServerFactory) -> Non
         "COOKIE_SECURE": "1",
         "FRONTEND_BASE_URL": "https://chat.example.com",
         "DEEPSEEK_API_KEY": "sk-test-unused",
+        "SECRET_KEY": TEST_SECRET_KEY,
         **dict.fromkeys(CHEAP_ARGON2),
     }
     srv = make_server.start("postgres", production)

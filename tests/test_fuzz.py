@@ -709,7 +709,7 @@ def check_answer(endpoint: Endpoint, sent: Sent, response: Response) -> None:
         except ValueError:
             pass
     for name, _, attrs in response.set_cookies():
-        assert name in ("cc_auth", "cc_app"), f"cookie {name!r} for {context}"
+        assert name in ("cc_auth", "cc_app", "cc_device"), f"cookie {name!r} for {context}"
         assert "httponly" in attrs and attrs.get("path") == "/", f"{attrs} for {context}"
         assert attrs.get("samesite") == "Lax", f"{attrs} for {context}"
     if sent.path.startswith("/auth/"):

@@ -24,6 +24,7 @@ from tests.helpers import (
     ALL_LIMITS_RAISED,
     HIGH_LIMITS,
     INVALID_CREDENTIALS,
+    TEST_SECRET_KEY,
     Client,
     Response,
     Server,
@@ -98,14 +99,16 @@ def test_no_secret_is_stored_in_clear(server: Server, request: pytest.FixtureReq
         {"token": first["debug_token"], "password": found["password (after reset)"]},
     )
     assert reset.status == 200 and reset.json()["revoked_sessions"] == 1, reset
-    second = server.client().post("/auth/password/forgot", {"identifier": email}).json()
-    found["reset token (live)"] = second["debug_token"]
 
     assert client.login(email, found["password (after reset)"]).status == 200
     found["session (live)"] = client.cookies["cc_auth"]
+    found["device cookie"] = client.cookies["cc_device"]
     chat = client.post("/deepseek_chat", {"message": "tell me a secret"})
     assert chat.status == 200 and chat.body.endswith(b'{"done":true}\n'), chat
-    found["visitor id"] = client.cookies["cc_app"]
+    visitor = server.client()
+    chat = visitor.post("/deepseek_chat", {"message": "tell me a secret"})
+    assert chat.status == 200 and chat.body.endswith(b'{"done":true}\n'), chat
+    found["visitor id"] = visitor.cookies["cc_app"]
     found["password (after change)"] = strong_password()
     change = client.post(
         "/auth/password/change",
@@ -116,6 +119,9 @@ def test_no_secret_is_stored_in_clear(server: Server, request: pytest.FixtureReq
     )
     assert change.status == 200, change
     assert client.me().status == 200
+    # Issued after the change, which ends every reset link out before it.
+    second = server.client().post("/auth/password/forgot", {"identifier": email}).json()
+    found["reset token (live)"] = second["debug_token"]
 
     tables = sql_tables(server)
     text = sql_text(tables)
@@ -167,6 +173,7 @@ def test_cookie_flags_in_production(make_server: ServerFactory) -> None:
                 "COOKIE_SECURE": "1",
                 "FRONTEND_BASE_URL": "https://chat.example.com",
                 "DEEPSEEK_API_KEY": "sk-production-test",
+                "SECRET_KEY": TEST_SECRET_KEY,
                 "DEEPSEEK_BASE_URL": provider.url(),
             },
         )
@@ -182,7 +189,13 @@ def test_cookie_flags_in_production(make_server: ServerFactory) -> None:
         assert attrs.get("samesite") == "Lax" and attrs.get("path") == "/", attrs
         assert attrs.get("max-age") == "604800", attrs
 
-        chat = client.post("/deepseek_chat", {"message": "hi"})
+        device = login.cookie("cc_device")
+        assert device is not None, login.headers
+        assert {"secure", "httponly"} <= set(device[1]), device
+        assert device[1].get("samesite") == "Lax" and device[1].get("path") == "/", device
+
+        # A visitor id is issued to an anonymous visitor (a logged-in one chats as the account).
+        chat = server.client().post("/deepseek_chat", {"message": "hi"})
         assert chat.status == 200 and b'"done":true' in chat.body, chat
         app = chat.cookie("cc_app")
         assert app is not None, chat.headers
@@ -297,7 +310,7 @@ def test_sql_metacharacters_and_nul_in_every_field(server: Server) -> None:
     assert {email for email, _ in earlier} <= before
 
     quoted, quoted_password = register(server, f"o'brien+x-{random_hex(3)}@example.com")
-    odd, odd_password = register(server, f'"%s"\'--{random_hex(3)}@example.com')
+    odd, odd_password = register(server, f"'%s'--{random_hex(3)}@example.com")
     name = "Robert'); DROP TABLE users;--"
     named_client = server.client()
     named, named_password = register(server, display_name=name)
@@ -454,7 +467,10 @@ def test_burst_never_passes_more_than_the_limit(limited: Server, rule: str) -> N
             for _ in range(BURST)
         ]
     elif rule == "chat_visitor":
-        visitor = secrets.token_urlsafe(24)
+        # Only an id the server issued is a visitor (a made-up one is replaced): get one.
+        issuer = client()
+        assert issuer.post("/deepseek_chat", {"message": "hi"}).status == 200
+        visitor = issuer.cookies["cc_app"]
         attempts = [_chat(server, new_ip(), visitor) for _ in range(BURST)]
     else:
         attempts = [_chat(server, shared_ip, None) for _ in range(BURST)]

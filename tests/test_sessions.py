@@ -87,11 +87,12 @@ def test_revoke_user_sessions_ends_all_of_them_at_once(
         assert client.me().status == 200  # warm the cache
     user = cloudchat.get_user_by_email(sql, email)
     assert user is not None
-    assert cloudchat.revoke_user_sessions(sql, kv, user["id"]) == 2
+    cfg = cloudchat.Config.from_env(dict(pg_server.env))
+    assert cloudchat.revoke_user_sessions(sql, kv, cfg, user["id"]) == 2
     assert first.me().status == 401
     assert second.me().status == 401
     assert bystander.me().status == 200
-    assert cloudchat.revoke_user_sessions(sql, kv, user["id"]) == 0
+    assert cloudchat.revoke_user_sessions(sql, kv, cfg, user["id"]) == 0
     fresh = pg_server.client()
     assert fresh.login(email, password).status == 200
     assert fresh.me().status == 200
