@@ -2264,7 +2264,7 @@ class Mailer:
         with self._slots:
             for attempt in range(1, attempts + 1):
                 try:
-                    self._smtp_send(message)
+                    self._smtp_send(message, mail.to)
                 except MailDeliveryError as exc:
                     if exc.temporary and attempt < attempts:
                         gevent.sleep(self.RETRY_DELAYS[min(attempt, len(self.RETRY_DELAYS)) - 1])
@@ -2281,7 +2281,7 @@ class Mailer:
                 return True
         return False
 
-    def _smtp_send(self, message: email.message.EmailMessage) -> None:
+    def _smtp_send(self, message: email.message.EmailMessage, to: str) -> None:
         cfg = self._cfg
         context = ssl.create_default_context(cafile=cfg.smtp_ca_file or None)
         try:
@@ -2297,7 +2297,9 @@ class Mailer:
                     smtp.starttls(context=context)
                 if cfg.smtp_user:
                     smtp.login(cfg.smtp_user, cfg.smtp_pass)
-                smtp.send_message(message)
+                # The envelope names the one stored address; never let smtplib read the
+                # recipients out of the headers, where a comma would make two.
+                smtp.send_message(message, from_addr=cfg.mail_from, to_addrs=[to])
         except smtplib.SMTPResponseException as exc:
             detail = exc.smtp_error.decode("utf-8", "replace") if exc.smtp_error else ""
             raise MailDeliveryError(
