@@ -64,7 +64,7 @@ import urllib.parse
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import argon2
 import bottle
@@ -3724,6 +3724,29 @@ class SlowRequestError(OSError, ValueError):
     """A client took longer than HEADER_TIMEOUT to send its request line and headers."""
 
 
+class RequestRejected(ValueError):
+    """A request refused before it reaches the application, with a status other than
+    pywsgi's plain 400 (a ValueError): the connection closes after the answer."""
+
+    REASONS: ClassVar[dict[int, str]] = {
+        431: "Request Header Fields Too Large",
+        501: "Not Implemented",
+    }
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+    def response(self) -> bytes:
+        """The whole answer, in the JSON envelope."""
+        body = _json_bytes({"ok": False, "error": str(self), "code": self.code})
+        return (
+            f"HTTP/1.1 {self.status} {self.REASONS[self.status]}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode("latin-1") + body
+
+
 _OVER_CAPACITY_BODY = _json_bytes(
     {"ok": False, "error": "Server is at its connection limit, try again", "code": "over_capacity"}
 )
@@ -3743,7 +3766,11 @@ class _UnreadBody:
 
 
 _FIELD_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
-_MAX_HEADER_LINE = 65536  # http.client's limits, which pywsgi applied before
+_DIGITS_RE = re.compile(r"[0-9]+")
+# nginx's defaults (large_client_header_buffers 4 8k): 8 KiB a line, 32 KiB in all. Beyond,
+# 431: ten connections of 99 lines of 64 KiB each held 64 MiB before.
+_MAX_HEADER_LINE = 8192
+_MAX_HEADER_BLOCK = 32768
 _MAX_HEADERS = 100
 _RequestHeaders = type(gevent.pywsgi.WSGIHandler.headers)  # the class pywsgi's code expects
 
@@ -3762,13 +3789,19 @@ def read_request_headers(rfile: Any) -> Any:
     sides of it, a regex backtracks for minutes over one long line of blanks.
     """
     headers = _RequestHeaders()
-    count = 0
+    count = total = 0
     while True:
         line = rfile.readline(_MAX_HEADER_LINE + 1)
         if line in (b"\r\n", b"\n", b""):
             return headers
-        if len(line) > _MAX_HEADER_LINE:
-            raise ValueError("header line too long")
+        total += len(line)
+        if len(line) > _MAX_HEADER_LINE or total > _MAX_HEADER_BLOCK:
+            raise RequestRejected(
+                431,
+                "headers_too_large",
+                f"Request headers exceed {_MAX_HEADER_LINE} bytes a line or"
+                f" {_MAX_HEADER_BLOCK} in all",
+            )
         count += 1
         if count > _MAX_HEADERS:
             raise ValueError(f"more than {_MAX_HEADERS} headers")
@@ -3783,6 +3816,45 @@ def read_request_headers(rfile: Any) -> Any:
         if not colon or "\r" in value or not _FIELD_NAME_RE.fullmatch(name):
             raise ValueError("malformed header line")
         headers.set_raw(name, value.strip(" \t").replace("\x00", " "))
+
+
+def answer_and_close(sock: socket.socket, answer: bytes) -> None:
+    """Send a final answer and close. Closing with the request unread would reset the
+    connection before the client reads the answer, so half-close and let the client hang
+    up first (a second and 1 MiB at most)."""
+    with contextlib.suppress(OSError):
+        sock.sendall(answer)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(1)
+        drained = 0
+        while drained < 1 << 20 and (chunk := sock.recv(65536)):
+            drained += len(chunk)
+    sock.close()
+
+
+def check_body_framing(lengths: list[str] | None, codings: list[str] | None) -> None:
+    """Exactly one `Transfer-Encoding: chunked` or one `Content-Length` of digits, or none.
+
+    Anything else (two lines, `+2`, `0_2`, `gzip, chunked`, a vertical tab) is read by some
+    proxy one way and by pywsgi another: the body's bytes would become a request of their
+    own. ValueError (400), or RequestRejected (501) for a coding this server lacks.
+    """
+    if lengths and codings:
+        raise ValueError("conflicting Content-Length / Transfer-Encoding")
+    if lengths and (len(lengths) > 1 or not _DIGITS_RE.fullmatch(lengths[0])):
+        raise ValueError("Content-Length must be one line of digits")
+    if not codings:
+        return
+    if len(codings) > 1:
+        raise ValueError("more than one Transfer-Encoding line")
+    names = [name.strip(" \t").lower() for name in codings[0].split(",")]
+    if names == ["chunked"]:
+        return
+    if all(_FIELD_NAME_RE.fullmatch(name) for name in names):
+        raise RequestRejected(
+            501, "unsupported_transfer_coding", "Only Transfer-Encoding: chunked is supported"
+        )
+    raise ValueError("malformed Transfer-Encoding")
 
 
 class CloudChatHandler(gevent.pywsgi.WSGIHandler):
@@ -3819,11 +3891,15 @@ class CloudChatHandler(gevent.pywsgi.WSGIHandler):
         # The headers, checked before pywsgi drops Content-Length in favour of chunked.
         # ValueError makes pywsgi answer 400 and close, without printing a traceback.
         headers = read_request_headers(rfile)
-        lengths = set(headers.get_all("Content-Length") or ())
-        if len(lengths) > 1 or (lengths and headers.get("Transfer-Encoding")):
-            # Two ideas of where the body ends is how requests are smuggled past a proxy.
-            raise ValueError("conflicting Content-Length / Transfer-Encoding")
+        check_body_framing(headers.get_all("Content-Length"), headers.get_all("Transfer-Encoding"))
         return headers
+
+    def _handle_client_error(self, ex: Exception) -> Any:
+        if isinstance(ex, RequestRejected):
+            self.log_error("%s (from %s)", ex, self.client_address[0])
+            answer_and_close(self.socket, ex.response())
+            return None
+        return super()._handle_client_error(ex)
 
     def log_request(self) -> None:
         """Nothing: CloudChatApp writes the one log line per request."""
@@ -3869,16 +3945,8 @@ class NoDelayWSGIServer(gevent.pywsgi.WSGIServer):
 
     def handle(self, sock: socket.socket, address: Any) -> None:
         if self.connections >= self.max_connections:
-            # Refuse in a few bytes instead of running out of file descriptors. Closing with
-            # the request unread would reset the connection before the client reads the
-            # answer, so half-close and let the client hang up first (a second at most).
-            with contextlib.suppress(OSError):
-                sock.sendall(_OVER_CAPACITY)
-                sock.shutdown(socket.SHUT_WR)
-                sock.settimeout(1)
-                while sock.recv(4096):
-                    pass
-            sock.close()
+            # Refuse in a few bytes instead of running out of file descriptors.
+            answer_and_close(sock, _OVER_CAPACITY)
             return
         self.connections += 1
         try:

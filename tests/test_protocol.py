@@ -1,0 +1,147 @@
+"""Issue 13: request framing (RFC 9112), header memory, and the headers on every answer."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+import cloudchat
+from tests.conftest import shared_server
+from tests.helpers import HIGH_LIMITS, Server, register_and_login
+
+HIDDEN = b"GET /test HTTP/1.1\r\nHost: x\r\nX-Hidden: 1\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One embedded server for the module: framing is the HTTP layer's, not storage's."""
+    yield from shared_server(request, tmp_path_factory, HIGH_LIMITS, setup="embedded")
+
+
+def exchange(port: int, raw: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes on a fresh connection; everything answered until the server closes."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(raw)
+        sock.settimeout(timeout)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return data
+
+
+@pytest.mark.parametrize(
+    ("framing", "status"),
+    [
+        (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", b"400"),
+        (b"Transfer-Encoding: gzip, chunked\r\n", b"501"),
+        (b"Transfer-Encoding: identity\r\n", b"501"),
+        (b"Transfer-Encoding: \x0bchunked\r\n", b"400"),
+        (b"Transfer-Encoding: chunked, \r\n", b"400"),
+        (b"Content-Length: +2\r\n", b"400"),
+        (b"Content-Length: 0_2\r\n", b"400"),
+        (b"Content-Length: \x0b2\r\n", b"400"),
+        (b"Content-Length: 2\r\nContent-Length: 2\r\n", b"400"),
+        (b"Content-Length: \xb2\r\n", b"400"),  # a Latin-1 superscript two: isdigit() says yes
+    ],
+    ids=[
+        "two-chunked",
+        "gzip-chunked",
+        "identity",
+        "vt-chunked",
+        "chunked-comma",
+        "plus-length",
+        "underscore-length",
+        "vt-length",
+        "same-length-twice",
+        "superscript-length",
+    ],
+)
+def test_ambiguous_body_framing_is_refused(server: Server, framing: bytes, status: bytes) -> None:
+    """Point 2: only one `chunked` or one digits-only Content-Length frames a body; the rest
+    is refused and the connection closes, so a request hidden in the body is never read."""
+    answer = exchange(
+        server.port,
+        b"POST /auth/logout HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + framing
+        + b"\r\n{}"
+        + HIDDEN,
+    )
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert b"Connection: close" in answer or b"connection: close" in answer.lower(), answer
+
+
+def test_plain_chunked_and_content_length_still_work(server: Server) -> None:
+    """Point 2: `Transfer-Encoding: Chunked` (any case) and a plain Content-Length are read."""
+    chunked = exchange(
+        server.port,
+        b"POST /auth/logout HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: Chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    )
+    assert chunked.startswith(b"HTTP/1.1 200"), chunked[:300]
+    sized = exchange(
+        server.port,
+        b"POST /auth/logout HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    assert sized.startswith(b"HTTP/1.1 200"), sized[:300]
+
+
+@pytest.mark.parametrize(
+    ("lines", "size", "status"),
+    [(3, 7000, b"200"), (5, 7000, b"431"), (1, 9000, b"431"), (90, 60, b"200")],
+    ids=["21k-in-3-lines", "35k-in-5-lines", "one-9k-line", "90-short-lines"],
+)
+def test_header_block_is_capped(server: Server, lines: int, size: int, status: bytes) -> None:
+    """Point 3: 8 KiB a line and 32 KiB in all, as nginx; beyond, a 431 in the JSON envelope
+    and the connection closes (99 lines of 64 KiB held 6 MiB per connection before)."""
+    headers = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * size) for n in range(lines))
+    answer = exchange(
+        server.port, b"GET /test HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:300]
+    if status == b"431":
+        assert b'"code":"headers_too_large"' in answer, answer
+
+
+def test_refused_framing_is_an_info_line_without_traceback(server: Server) -> None:
+    """Point 2: a client's bad framing is its error: an INFO line, never a traceback."""
+    exchange(
+        server.port,
+        b"POST /test HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: br\r\n\r\n",
+    )
+    assert "Traceback" not in server.log_text()
+
+
+def test_check_body_framing_unit() -> None:
+    """Point 2, in-process: the rule itself."""
+    cloudchat.check_body_framing(None, None)
+    cloudchat.check_body_framing(["12"], None)
+    cloudchat.check_body_framing(None, ["chunked"])
+    cloudchat.check_body_framing(None, ["CHUNKED"])
+    for lengths, codings in (
+        (["1", "1"], None),
+        (["-1"], None),
+        ([" 1"], None),
+        (["1"], ["chunked"]),
+        (None, ["chunked", "chunked"]),
+        (None, ["chunked;x"]),
+    ):
+        with pytest.raises(ValueError):
+            cloudchat.check_body_framing(lengths, codings)
+    with pytest.raises(cloudchat.RequestRejected) as refused:
+        cloudchat.check_body_framing(None, ["gzip"])
+    assert refused.value.status == 501
+
+
+def test_logged_in_answers_are_unchanged(server: Server) -> None:
+    """The strict reading leaves an ordinary browser request alone."""
+    client, _, _ = register_and_login(server)
+    assert client.me().status == 200
