@@ -2903,6 +2903,12 @@ SECURITY_HEADERS = (
     ("Referrer-Policy", "strict-origin-when-cross-origin"),
 )
 _SECURITY_HEADER_NAMES = {name.lower() for name, _ in SECURITY_HEADERS}
+# On every other answer: no type sniffing (a chat line echoing <script> must never render as
+# HTML), and for JSON and chat streams a policy that lets nothing load or frame them.
+NOSNIFF = ("X-Content-Type-Options", "nosniff")
+DATA_CSP = ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+_DATA_TYPES = ("application/json", "application/x-ndjson")
+_PRIVATE_PATHS = frozenset(("/deepseek_chat", "/reset_chat"))
 
 _DEFAULT_ERRORS = {
     400: ("bad_request", "Bad request"),
@@ -3069,12 +3075,20 @@ class CloudChatApp:
         environ["cloudchat.request_id"] = rid
         path = environ.get("PATH_INFO", "")
         secure_headers = path.startswith("/auth/")
+        private = path in _PRIVATE_PATHS  # a visitor's own conversation, error or not
         seen: list[str] = []
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             if secure_headers:
                 headers = [h for h in headers if h[0].lower() not in _SECURITY_HEADER_NAMES]
                 headers.extend(SECURITY_HEADERS)
+            else:
+                headers.append(NOSNIFF)
+                if private and not any(k.lower() == "cache-control" for k, _ in headers):
+                    headers.append(("Cache-Control", "no-store"))
+            content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
+            if content_type.startswith(_DATA_TYPES):
+                headers.append(DATA_CSP)
             headers.append(("X-Request-ID", rid))
             seen.append(status)
             return start_response(status, headers, exc_info)
@@ -3743,7 +3757,8 @@ class RequestRejected(ValueError):
         body = _json_bytes({"ok": False, "error": str(self), "code": self.code})
         return (
             f"HTTP/1.1 {self.status} {self.REASONS[self.status]}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"Content-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
         ).encode("latin-1") + body
 
 
@@ -3752,7 +3767,7 @@ _OVER_CAPACITY_BODY = _json_bytes(
 )
 _OVER_CAPACITY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Retry-After: 1\r\nConnection: close\r\n"
+    b"X-Content-Type-Options: nosniff\r\nRetry-After: 1\r\nConnection: close\r\n"
     + f"Content-Length: {len(_OVER_CAPACITY_BODY)}\r\n\r\n".encode()
     + _OVER_CAPACITY_BODY
 )

@@ -230,6 +230,10 @@ def test_chat_flood_cannot_erase_login_counters(
     assert_uniform_401(stranger(srv).login(email, password))
     assert private.info("stats")["evicted_keys"] == 0
     assert private.info("memory")["used_memory"] < private.maxmemory
+    # What the histories hold stays near CHAT_HISTORY_BUDGET_MB (allocator rounding aside).
+    histories = private.client.keys(srv.env["REDIS_KEY_PREFIX"] + "chat:*")
+    held = sum(private.client.memory_usage(key, samples=0) or 0 for key in histories)
+    assert 0 < held < 1.25 * MIB, held
     wait_until(
         lambda: "chat history budget reached" in srv.log_text(),
         timeout=5,
@@ -446,7 +450,7 @@ def test_argon2_queue_is_bounded(make_server: ServerFactory) -> None:
     assert stranger(srv).login(email, password).status == 200
 
 
-# -- in-process: address_key, and the memory store's windows ---------------------------------
+# -- in-process: address_key, and the key-value stores' windows ---------------------------------
 
 
 @pytest.mark.parametrize(
@@ -513,15 +517,18 @@ def test_hit_many_stops_counting_at_the_first_exceeded_window(clock: FakeClock) 
 
 
 def test_hit_many_reports_retry_after_of_an_exceeded_later_window(clock: FakeClock) -> None:
-    """Issue 12 point 2: Retry-After covers a later window already over, though not counted."""
+    """Issue 12 point 2: a later window is not counted, yet its Retry-After counts once over."""
     kv = cloudchat.MemoryStore()
-    rules = [(cloudchat.RateLimit(1, 60), "a", "x"), (cloudchat.RateLimit(1, 3000), "b", "y")]
-    assert cloudchat.over_rate_limits(kv, rules) is None
+    rules = [(cloudchat.RateLimit(1, 60), "a", "x"), (cloudchat.RateLimit(2, 3000), "b", "y")]
+    assert cloudchat.over_rate_limits(kv, rules) is None  # a 1, b 1
     clock.now += 5
-    assert cloudchat.over_rate_limits(kv, rules) == 2995
+    for _ in range(3):  # a over; b would be 2 of 2 each time, so only a sets the wait
+        assert cloudchat.over_rate_limits(kv, rules) == 55
     clock.now += 60
-    # The first reopened; the second is counted now, over, and alone sets the wait.
-    assert cloudchat.over_rate_limits(kv, rules) == 2935
+    assert cloudchat.over_rate_limits(kv, rules) is None  # a reopened: a 1, b 2 of 2
+    clock.now += 5
+    # a over again; b, not counted, would be 3 of 2: its reopening is the later one.
+    assert cloudchat.over_rate_limits(kv, rules) == 2930
 
 
 def test_hit_many_reads_a_list_in_the_same_call(clock: FakeClock) -> None:
@@ -548,3 +555,21 @@ def test_add_to_windows_sums_this_window_and_the_one_before(clock: FakeClock) ->
     assert kv.add_to_windows("budget:3", "budget:2", 1, 120) == 11
     clock.now += 60
     assert kv.add_to_windows("budget:4", "budget:3", 0, 120) == 1
+
+
+def test_redis_hit_many_stops_counting_at_the_first_exceeded_window(redis_db: RedisDb) -> None:
+    """Issue 12 point 2: the Redis script counts windows in order up to the first one over."""
+    kv = cloudchat.RedisStore(redis_db.url, f"cc-unit-{random_hex(4)}:", 3.0, 2)
+    try:
+        windows = [("ip", 60, 2), ("account", 600, 5)]
+        assert [count for count, _ in kv.hit_many(windows)[0]] == [1, 1]
+        assert [count for count, _ in kv.hit_many(windows)[0]] == [2, 2]
+        for n in range(3, 6):
+            counts, _ = kv.hit_many(windows)
+            assert [count for count, _ in counts] == [n, 3]  # reported as if counted, not kept
+            assert 0 < counts[0][1] <= 60 and 0 < counts[1][1] <= 600, counts
+        assert kv.hit_many([("account", 600, 5)])[0][0][0] == 3
+        assert kv.hit_many([("ip", 60, 2), ("fresh", 600, 5)])[0][1] == (0, 0)
+        assert kv.get("fresh") is None
+    finally:
+        kv.close()

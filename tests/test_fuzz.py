@@ -302,7 +302,7 @@ cookie_values = st.one_of(
     tokens,
     cookie_safe,
     latin1_text,
-    st.sampled_from(["", '""', '"a\\"b"', "a b", "=", "deleted", "a" * 4000]),
+    st.sampled_from(["", '""', '"a\\"b"', "a b", "=", "deleted", "a" * 1800]),
 )
 cookie_names = st.one_of(
     st.sampled_from(["cc_auth", "cc_app", "cc_auth", "cc_app", "CC_AUTH", "_ga", "$Version"]),
@@ -310,7 +310,10 @@ cookie_names = st.one_of(
 )
 cookie_pairs = st.lists(st.tuples(cookie_names, cookie_values), max_size=4)
 long_value = st.builds(
-    lambda unit, n: unit * n, st.sampled_from(["a", "\xe9", "\x00"]), st.integers(1000, 16_000)
+    # Under the header limits (8 KiB a line, 32 KiB in all, as nginx): issue 13 point 3.
+    lambda unit, n: unit * n,
+    st.sampled_from(["a", "\xe9", "\x00"]),
+    st.integers(1000, 7_000),
 )
 header_values = st.one_of(latin1_text, long_value)
 user_agents = st.one_of(

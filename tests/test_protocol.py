@@ -145,3 +145,38 @@ def test_logged_in_answers_are_unchanged(server: Server) -> None:
     """The strict reading leaves an ordinary browser request alone."""
     client, _, _ = register_and_login(server)
     assert client.me().status == 200
+
+
+def test_every_answer_has_nosniff_and_data_answers_a_csp(server: Server) -> None:
+    """Point 5: nosniff on every answer; JSON and chat answers also a CSP that loads and frames
+    nothing; chat answers no-store, errors included (a chat echoing <script> is never HTML)."""
+    client = server.client()
+    answers = {
+        "chat-200": client.post("/deepseek_chat", {"message": "<script>alert(1)</script>"}),
+        "chat-400": client.post("/deepseek_chat", {"message": ""}),
+        "reset-chat": client.post("/reset_chat"),
+        "test": client.get("/test"),
+        "404": client.get("/nowhere/<script>"),
+        "405": client.get("/deepseek_chat"),
+        "auth-401": client.me(),
+    }
+    csp = "default-src 'none'; frame-ancestors 'none'"
+    for name, response in answers.items():
+        assert response.header("X-Content-Type-Options") == "nosniff", (name, response.headers)
+        assert response.header("Content-Security-Policy") == csp, (name, response.headers)
+        if name.startswith(("chat", "reset")):
+            assert response.header("Cache-Control") == "no-store", (name, response.headers)
+    assert b"<script>" in answers["chat-200"].body
+    assert answers["chat-200"].header("Content-Type") == "application/x-ndjson"
+
+
+def test_refusals_before_the_app_carry_nosniff(server: Server) -> None:
+    """Point 5: the 431 and 501 written before the app runs carry nosniff too."""
+    big = exchange(
+        server.port, b"GET /test HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
+    )
+    coding = exchange(
+        server.port, b"POST /test HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
+    )
+    for answer in (big, coding):
+        assert b"\r\nX-Content-Type-Options: nosniff\r\n" in answer, answer[:300]
