@@ -206,6 +206,7 @@ class Config:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_history: int = 6
     chat_max_chars: int = 4000
+    chat_max_reply_chars: int = 32000
     chat_busy_streams: int = 100
     chat_history_ttl: int = 3600
     chat_require_auth: bool = False
@@ -293,6 +294,7 @@ class Config:
             system_prompt=environ.get("SYSTEM_PROMPT", "").strip() or DEFAULT_SYSTEM_PROMPT,
             max_history=read.integer("MAX_HISTORY", 6, 0, 100),
             chat_max_chars=read.integer("CHAT_MAX_CHARS", 4000, 1, 1_000_000),
+            chat_max_reply_chars=read.integer("CHAT_MAX_REPLY_CHARS", 32000, 100, 10_000_000),
             chat_busy_streams=read.integer("CHAT_BUSY_STREAMS", 100, 0, 1_000_000),
             chat_history_ttl=read.integer("CHAT_HISTORY_TTL", 3600, 60, 30 * 86400),
             chat_require_auth=read.flag("CHAT_REQUIRE_AUTH", False),
@@ -561,8 +563,17 @@ def _escape(text: str) -> str:
 
 
 def _json_bytes(payload: Any) -> bytes:
-    """Compact UTF-8 JSON, as every answer and stream line is written."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON, as every answer and stream line is written; U+2028, U+2029 and
+    U+0085 escaped, so that any line splitter (str.splitlines, some JavaScript readers)
+    sees exactly one JSON object per chat line."""
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        text = (
+            text.replace("\u2028", "\\u2028")
+            .replace("\u2029", "\\u2029")
+            .replace("\x85", "\\u0085")
+        )
+    return text.encode("utf-8")
 
 
 class OutageLog:
@@ -2327,8 +2338,10 @@ class Mailer:
 # Chat
 ###############################################################################
 
-# A stream longer than this without a line break is not SSE: give up instead of buffering.
+# A stream longer than this without a line break is not SSE, and an event longer than this
+# is not a token: give up instead of buffering.
 _SSE_MAX_LINE = 1024 * 1024
+_SSE_MAX_EVENT = 1024 * 1024
 _UPSTREAM_IDLE_PER_HOST = 4
 # How long a provider's resolved addresses are used before asking the resolver again.
 _UPSTREAM_DNS_SECONDS = 60.0
@@ -2589,6 +2602,7 @@ class ChatStream:
         """
         pending = b""
         data_lines: list[bytes] = []
+        event_size = 0
         while True:
             batch: list[tuple[str, Any]] = []
             try:
@@ -2614,11 +2628,17 @@ class ChatStream:
                     field, _, value = line.partition(b":")
                     if field == b"data":
                         data_lines.append(value[1:] if value.startswith(b" ") else value)
+                        event_size += len(value)
+                        if event_size > _SSE_MAX_EVENT:
+                            if batch:
+                                yield batch
+                            raise ProviderError(self.provider, "server", "stream event too long")
                     continue
                 if not data_lines:
                     continue
                 data = b"\n".join(data_lines)
                 data_lines = []
+                event_size = 0
                 if data.strip() == b"[DONE]":
                     self._finished = True
                     if batch:
@@ -3594,6 +3614,7 @@ def relay_chat(
     call and a wake-up it can spend on setting up the streams still waiting for a token.
     """
     reply: list[str] = []
+    relayed = {"text": 0, "reasoning": 0}  # characters, each bounded by CHAT_MAX_REPLY_CHARS
     usage = None
     s.open_streams += 1
     try:
@@ -3603,6 +3624,13 @@ def relay_chat(
                 if kind == "usage":
                     usage = value
                     continue
+                relayed[kind] += len(value)
+                if relayed[kind] > s.cfg.chat_max_reply_chars:
+                    # A reply that never ends would grow without bound here and in history.
+                    log.warning("chat reply over CHAT_MAX_REPLY_CHARS: cut off, not kept")
+                    lines.append(_json_bytes({"error": "The answer was too long and was cut off"}))
+                    yield b"".join(lines) + b"\n"
+                    return
                 if kind == "text":
                     reply.append(value)
                 lines.append(_json_bytes({kind: value}) + b"\n")

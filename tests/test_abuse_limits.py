@@ -450,7 +450,7 @@ def test_argon2_queue_is_bounded(make_server: ServerFactory) -> None:
     assert stranger(srv).login(email, password).status == 200
 
 
-# -- in-process: address_key, and the key-value stores' windows ---------------------------------
+# -- in-process: address_key, and the key-value stores' windows -------------------------------
 
 
 @pytest.mark.parametrize(
