@@ -2587,6 +2587,7 @@ class ChatStream:
     ) -> None:
         self.provider = provider
         self.aborted = False
+        self.ended_by_server = False
         self._url = url
         self._pool = pool
         self._conn = conn
@@ -2675,9 +2676,11 @@ class ChatStream:
         if isinstance(chunk.get("usage"), dict):
             yield "usage", chunk["usage"]
 
-    def abort(self) -> None:
-        """Drop the provider connection now (the visitor left); events() then stops."""
+    def abort(self, by_server: bool = False) -> None:
+        """Drop the provider connection now (the visitor left, or by_server: the server is
+        stopping and its grace period is over); events() then stops."""
         self.aborted = True
+        self.ended_by_server = by_server
         sock = self._conn.sock
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -3058,6 +3061,15 @@ class Services:
     mailer: Mailer
     upstream: UpstreamPool
     open_streams: int = 0  # chat answers being relayed right now
+    live_streams: set[ChatStream] = dataclasses.field(default_factory=set)
+    stopping: bool = False  # SIGTERM: streams still running at the end of the grace get cut
+
+    def end_streams(self) -> None:
+        """The grace period is over: every provider stream in flight ends now, and its
+        visitor gets an {"error"} line instead of a connection cut without a word."""
+        self.stopping = True
+        for stream in list(self.live_streams):
+            stream.abort(by_server=True)
 
     @functools.cached_property
     def secret(self) -> bytes:
@@ -3571,6 +3583,7 @@ def start_chat(
         stream = None
         try:
             stream = open_chat_stream(s.cfg, provider, s.upstream, messages)
+            s.live_streams.add(stream)
             watch.attach(stream)
             batches = stream.events()
             first: list[tuple[str, Any]] = []
@@ -3583,9 +3596,14 @@ def start_chat(
             return stream, batches, first
         except ProviderError as exc:
             if stream is not None:
+                s.live_streams.discard(stream)
                 stream.close()
             if watch.left:
                 raise VisitorLeft() from None
+            if s.stopping:
+                raise ApiError(
+                    503, "unavailable", "The server is restarting, try again", {"Retry-After": "1"}
+                ) from None
             log.warning("chat provider failed before the first token: %s", exc)
             failure = exc
     assert failure is not None
@@ -3646,6 +3664,10 @@ def relay_chat(
                 outage_log.warning("chat round not saved", exc)
         yield _json_bytes({"done": True, "usage": usage} if usage else {"done": True}) + b"\n"
     except ProviderError as exc:
+        if stream is not None and stream.ended_by_server:
+            log.warning("chat cut off at shutdown: the grace period ended mid-answer")
+            yield _json_bytes({"error": "The server is restarting, please ask again"}) + b"\n"
+            return
         if stream is not None and stream.aborted:
             log.info("visitor left mid-answer: provider connection closed, reply dropped")
             return
@@ -3656,6 +3678,7 @@ def relay_chat(
         s.open_streams -= 1
         watch.stop()
         if stream is not None:
+            s.live_streams.discard(stream)
             stream.close()
 
 
@@ -3911,7 +3934,9 @@ class CloudChatHandler(gevent.pywsgi.WSGIHandler):
         # at 50 connections in bench/run.py).
         gevent.sleep(0)
         try:
-            return super().handle_one_request()
+            result = super().handle_one_request()
+            # Stopping: the answer in flight went out; the connection ends with it.
+            return None if result is True and self.server.stopping else result
         finally:
             if self._header_timer is not None:
                 self._header_timer.close()
@@ -3922,8 +3947,14 @@ class CloudChatHandler(gevent.pywsgi.WSGIHandler):
         # timeout (CLIENT_TIMEOUT); once its first byte is here, the request line and the
         # headers together get HEADER_TIMEOUT, so a client trickling bytes cannot hold a
         # connection for long. OSError ends the connection quietly; ValueError answers 400.
-        self.rfile.peek(1)
         server: NoDelayWSGIServer = self.server
+        server.idle_handlers.add(self)
+        try:
+            self.rfile.peek(1)
+        finally:
+            server.idle_handlers.discard(self)
+        if server.stopping:
+            raise OSError("stopping: no new request on this connection")
         self._header_timer = gevent.Timeout.start_new(
             server.header_timeout,
             SlowRequestError(f"request headers took longer than {server.header_timeout:g} s"),
@@ -3985,6 +4016,19 @@ class NoDelayWSGIServer(gevent.pywsgi.WSGIServer):
         self.header_timeout = cfg.header_timeout
         self.max_connections = cfg.max_connections or connections_the_fd_limit_allows(cfg)
         self.connections = 0
+        self.stop_timeout = cfg.shutdown_grace  # serve_forever's stop() waits this long
+        self.stopping = False
+        self.idle_handlers: set[CloudChatHandler] = set()  # kept-alive, between requests
+
+    def stop_gracefully(self) -> None:
+        """No new connections or requests; what is in flight may finish (serve_forever then
+        waits up to SHUTDOWN_GRACE_SECONDS for it). Idle kept-alive connections end now:
+        they would otherwise hold the stop for the whole grace period."""
+        self.stopping = True
+        self.close()
+        for handler in list(self.idle_handlers):
+            with contextlib.suppress(OSError, AttributeError):
+                handler.socket.shutdown(socket.SHUT_RDWR)
 
     def handle(self, sock: socket.socket, address: Any) -> None:
         if self.connections >= self.max_connections:
@@ -4052,6 +4096,9 @@ def return_large_blocks_to_os() -> None:
         log.debug("not glibc: mmap threshold left as it is")
 
 
+SHUTDOWN_STREAM_MARGIN = 1.0  # seconds of the grace left to write the streams' error lines
+
+
 def serve(cfg: Config) -> int:
     """Serve until SIGTERM or SIGINT; let requests in flight finish within the grace period."""
     if not gevent.monkey.is_module_patched("socket"):
@@ -4091,9 +4138,15 @@ def serve(cfg: Config) -> int:
     stopping_since: list[float] = []
 
     def stop(signum: int) -> None:
+        if stopping_since:
+            return
         log.info("signal %d: no new connections, grace %g s", signum, cfg.shutdown_grace)
         stopping_since.append(time.monotonic())
-        gevent.spawn(server.stop, timeout=cfg.shutdown_grace)
+        server.stop_gracefully()
+        # A second before the grace is over, streams still running get their error line
+        # and end, so that no visitor sees a connection cut without a word.
+        margin = min(SHUTDOWN_STREAM_MARGIN, cfg.shutdown_grace / 2)
+        gevent.spawn_later(cfg.shutdown_grace - margin, application.services.end_streams)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop, signum)
