@@ -326,7 +326,8 @@ class Config:
                 f"SECRET_KEY is shorter than {SECRET_KEY_MIN} characters; make one with"
                 " `python -c 'import secrets; print(secrets.token_hex(32))'`"
             )
-        if cfg.password_blocklist_file and not os.access(cfg.password_blocklist_file, os.R_OK):
+        blocklist = cfg.password_blocklist_file
+        if blocklist and not (os.path.isfile(blocklist) and os.access(blocklist, os.R_OK)):
             raise ConfigError(
                 f"PASSWORD_BLOCKLIST_FILE={cfg.password_blocklist_file!r} cannot be read;"
                 " point it at a readable file of one password a line, or unset it"
@@ -2778,6 +2779,9 @@ def _history_key(owner: str) -> str:
 # MEMORY USAGE on Redis 7, rounded up): the history budget counts these too.
 HISTORY_KEY_OVERHEAD = 128
 HISTORY_ITEM_OVERHEAD = 24
+# jemalloc rounds each item up to its size class (up to a quarter more: 20,440 characters of
+# history took 1.18 x their bytes), percent.
+HISTORY_ALLOCATOR_FACTOR = 125
 
 
 def count_chat_and_load_history(
@@ -2794,13 +2798,19 @@ def count_chat_and_load_history(
     first; and whether a new visitor may be given an id (new_visitor_check, the address's
     limit on new visitor ids, is not exceeded).
     """
-    every_check = [*checks, new_visitor_check] if new_visitor_check else list(checks)
+    # The new-id limit goes right after the address's: over it, counting stops there, so
+    # an address past its share of new ids gets no key made per id it is offered.
+    every_check = list(checks)
+    if new_visitor_check:
+        every_check.insert(1, new_visitor_check)
     reads_history = owner is not None and new_visitor_check is None and cfg.max_history > 0
     counts, items = kv.hit_many(
         rate_limit_windows(every_check), read_list=_history_key(owner) if reads_history else None
     )
-    wait = seconds_until_allowed(checks, counts[: len(checks)])
-    may_issue = new_visitor_check is None or counts[-1][0] <= new_visitor_check[0].limit
+    may_issue = new_visitor_check is None or counts[1][0] <= new_visitor_check[0].limit
+    if new_visitor_check:
+        del counts[1]
+    wait = seconds_until_allowed(checks, counts)
     messages = []
     for item in items:
         try:
@@ -2857,7 +2867,9 @@ def save_round(
         keep = 2 * cfg.max_history
     window = cfg.chat_history_ttl
     bucket = int(time.time()) // window
-    cost = size + HISTORY_KEY_OVERHEAD + HISTORY_ITEM_OVERHEAD * keep
+    cost = (
+        size * HISTORY_ALLOCATOR_FACTOR // 100 + HISTORY_KEY_OVERHEAD + HISTORY_ITEM_OVERHEAD * keep
+    )
     spent = kv.add_to_windows(f"histbudget:{bucket}", f"histbudget:{bucket - 1}", cost, 2 * window)
     if spent > cfg.chat_history_budget_mb * 1024 * 1024:
         outage_log.warning(
@@ -3282,13 +3294,20 @@ DEVICE_COOKIE_NAME = "cc_device"
 DEVICE_COOKIE_SECONDS = 180 * 86400
 
 
-def over_login_limits(s: Services, account_key: str, device: str | None = None) -> bool:
+def over_login_limits(s: Services, account_id: int | None, device: str | None = None) -> bool:
     """Count a password attempt against the login limits: the client's address, and the
     account (email and phone alike), or, for a browser holding a device cookie of that
-    account, that browser alone, so that other addresses' failures cannot lock it out."""
+    account, that browser alone, so that other addresses' failures cannot lock it out.
+
+    An unknown account has no counter: its answer is the same 401 whatever the count, and
+    a counter per name tried would let anyone fill Redis with them.
+    """
     rule = s.cfg.rate_login_identifier
-    second = (rule, "login_device", device) if device else (rule, "login_id", account_key)
-    checks = [(s.cfg.rate_login_ip, "login_ip", client_address_key(s.cfg)), second]
+    checks: list[LimitCheck] = [(s.cfg.rate_login_ip, "login_ip", client_address_key(s.cfg))]
+    if device:
+        checks.append((rule, "login_device", device))
+    elif account_id is not None:
+        checks.append((rule, "login_id", f"user:{account_id}"))
     return over_rate_limits(s.kv, checks) is not None
 
 
@@ -3351,13 +3370,13 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
         # phone alike); every path below costs one password check, so neither the answer
         # nor its timing tells an unknown account, a wrong password or a limit apart.
         found = get_password_login(s.sql, email, phone) if (email or phone) else None
-        account_key = f"user:{found[0]['id']}" if found else (email or phone or identifier.lower())
+        account_id = found[0]["id"] if found else None
         device = (
-            device_nonce(s.secret, read_cookie(DEVICE_COOKIE_NAME), found[0]["id"])
-            if found
+            device_nonce(s.secret, read_cookie(DEVICE_COOKIE_NAME), account_id)
+            if account_id is not None
             else None
         )
-        if over_login_limits(s, account_key, device) or found is None:
+        if over_login_limits(s, account_id, device) or found is None:
             s.hasher.spend_one_verification(password)
             raise ApiError(401, *INVALID_CREDENTIALS)
         user, password_hash = found
@@ -3460,12 +3479,18 @@ def _probe(name: str, ping: Callable[[], None]) -> bool:
 
 
 def issue_password_reset(s: Services, email: str | None, phone: str | None) -> str | None:
-    """Store a reset token for the account and mail its link; the token, or None."""
+    """Store a reset token for the account and mail its link, within the account's limit
+    (email and phone alike); the token, or None."""
     found = get_password_login(s.sql, email, phone)
     if found is None or not found[0]["is_active"]:
         log.info("password reset: no active account for the identifier, nothing sent")
         return None
     user = found[0]
+    # Counted only for an account that exists: a counter per unknown address named would
+    # let anyone fill Redis, and the answer (always 200) is the same either way.
+    if over_rate_limits(s.kv, [(s.cfg.rate_forgot_identifier, "forgot_id", f"user:{user['id']}")]):
+        log.info("password reset: over the rate limit of the account, nothing sent")
+        return None
     token = new_token()
     expires_at = utcnow() + dt.timedelta(seconds=s.cfg.pwreset_token_ttl)
     replace_reset_token(s.sql, user["id"], token_hash(token), expires_at)
@@ -3484,14 +3509,7 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
         if not identifier:
             raise ApiError(400, "invalid_input", "Identifier is required")
         email, phone = parse_identifier(identifier)
-        key = email or phone or identifier.lower()
-        over = over_rate_limits(
-            s.kv,
-            [
-                (cfg.rate_forgot_ip, "forgot_ip", client_address_key(cfg)),
-                (cfg.rate_forgot_identifier, "forgot_id", key),
-            ],
-        )
+        over = over_rate_limits(s.kv, [(cfg.rate_forgot_ip, "forgot_ip", client_address_key(cfg))])
         answer: dict[str, Any] = {"ok": True}
         if over is not None:
             log.info("password reset: over the rate limit, nothing sent")
@@ -3546,8 +3564,14 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
         problem = s.passwords.problem(new, user["email"])
         if problem:
             raise ApiError(400, "weak_password", problem)
-        # A wrong current password is a password guess: it counts like a login attempt.
-        if over_login_limits(s, f"user:{user['id']}"):
+        # A wrong current password is a password guess: it counts like a login attempt, on
+        # this session's own key (as a device's): failures of others who try to log in to
+        # the account must not stop its owner, signed in, from changing the password.
+        checks: list[LimitCheck] = [
+            (cfg.rate_login_ip, "login_ip", client_address_key(cfg)),
+            (cfg.rate_login_identifier, "change_session", token_hash(auth_token(cfg) or "")),
+        ]
+        if over_rate_limits(s.kv, checks) is not None:
             raise ApiError(401, *INVALID_CREDENTIALS)
         found = get_password_login(s.sql, user["email"], None)
         if found is None or not s.hasher.verify(found[1], current):
@@ -3712,7 +3736,7 @@ def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
         owner = history_owner(user, visitor or new_visitor)
         assert owner is not None
         # The address first: past its limit, nothing further is counted or stored.
-        checks = [
+        checks: list[LimitCheck] = [
             (cfg.rate_chat_ip, "chat_ip", address),
             (cfg.rate_chat_visitor, "chat_visitor", owner),
         ]
@@ -4190,7 +4214,7 @@ def initdb(cfg: Config) -> int:
 
 def set_account_active(cfg: Config, address: str, active: bool) -> int:
     """Command line: (de)activate an account; deactivation ends its live sessions at once."""
-    email = normalize_email(address)
+    email = lookup_email(address)  # lenient: an old account's odd address must be reachable
     if email is None:
         print(f"cloudchat: not an email address: {address!r}", file=sys.stderr)
         return 1

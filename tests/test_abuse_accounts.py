@@ -538,12 +538,15 @@ def test_password_reset_applies_the_rules_and_keeps_the_token(server: Server) ->
     assert server.client().login(email, "correcthorsebatterystaple").status == 200
 
 
-def test_unreadable_blocklist_file_stops_the_server(tmp_path: Path) -> None:
-    """Point 7: an unreadable PASSWORD_BLOCKLIST_FILE makes the server exit 2, naming it."""
+@pytest.mark.parametrize("where", ["missing", "directory"])
+def test_unreadable_blocklist_file_stops_the_server(tmp_path: Path, where: str) -> None:
+    """Point 7: an unreadable PASSWORD_BLOCKLIST_FILE (missing, or a directory) makes the
+    server exit 2, naming it, without a traceback."""
+    blocklist = tmp_path / "missing" / "blocklist.txt" if where == "missing" else tmp_path
     env = {
         **base_env(),
         "CLOUDCHAT_DB_PATH": str(tmp_path / "cloudchat.db"),
-        "PASSWORD_BLOCKLIST_FILE": str(tmp_path / "missing" / "blocklist.txt"),
+        "PASSWORD_BLOCKLIST_FILE": str(blocklist),
     }
     try:
         done = run_cli([], env, tmp_path, timeout=15)

@@ -338,18 +338,39 @@ def test_attempt_refused_by_its_address_costs_the_account_nothing(
 def test_attempt_refused_by_its_address_makes_no_identifier_key(
     make_server: ServerFactory, redis_db: RedisDb
 ) -> None:
-    """Issue 12 point 2: logins past the address limit create no Redis key per identifier."""
+    """Issue 12 point 2: logins past the address limit create no Redis key per account they
+    name, and a name with no account behind it never does (its answer is the same 401)."""
     srv = make_server.start(
         "postgres", {"RATE_LOGIN_IP": "2/600", "RATE_LOGIN_IDENTIFIER": "3/600"}
     )
     pattern = srv.env["REDIS_KEY_PREFIX"] + "rl:login_id:*"
-    attacker = stranger(srv)
-    for _ in range(2):
-        assert_uniform_401(attacker.login(random_email(), strong_password()))
-    assert len(redis_db.client.keys(pattern)) == 2
     for _ in range(20):
-        assert_uniform_401(attacker.login(random_email(), strong_password()))
+        assert_uniform_401(stranger(srv).login(random_email(), strong_password()))
+    assert redis_db.client.keys(pattern) == []
+    accounts = [register(srv)[0] for _ in range(22)]
+    attacker = stranger(srv)
+    for email in accounts[:2]:
+        assert_uniform_401(attacker.login(email, strong_password()))
     assert len(redis_db.client.keys(pattern)) == 2
+    for email in accounts[2:]:
+        assert_uniform_401(attacker.login(email, strong_password()))
+    assert len(redis_db.client.keys(pattern)) == 2
+
+
+def test_forgot_makes_no_key_per_unknown_address(
+    make_server: ServerFactory, redis_db: RedisDb
+) -> None:
+    """Issue 12 point 1: password-reset requests naming addresses with no account behind
+    them create no counter each (they could fill Redis); a real account's count is kept."""
+    srv = make_server.start("postgres", {"RATE_FORGOT_IP": "1000/3600"})
+    pattern = srv.env["REDIS_KEY_PREFIX"] + "rl:forgot_id:*"
+    for _ in range(30):
+        answer = stranger(srv).post("/auth/password/forgot", {"identifier": random_email()})
+        assert answer.status == 200 and answer.json() == {"ok": True}
+    email, _ = register(srv)
+    assert stranger(srv).post("/auth/password/forgot", {"identifier": email}).status == 200
+    keys = wait_until(lambda: redis_db.client.keys(pattern), 10, what="the account's counter")
+    assert len(keys) == 1, keys
 
 
 # -- point 4: IPv6 clients count by prefix; a bounded Argon2 queue ----------------------------

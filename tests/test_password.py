@@ -286,8 +286,8 @@ def test_wrong_current_password_counts_toward_login_limit(
     email, password = random_email(), strong_password()
     client = server.client()
     assert client.register(email, password).status == 201
-    assert client.login(email, password).status == 200  # attempt 1
-    for _ in range(2):  # attempts 2 and 3
+    assert client.login(email, password).status == 200
+    for _ in range(3):  # attempts 1 to 3, on this session's own key
         wrong = client.post(
             "/auth/password/change",
             {"current_password": "wrong-pass-1", "new_password": strong_password()},
@@ -297,7 +297,17 @@ def test_wrong_current_password_counts_toward_login_limit(
         "/auth/password/change", {"current_password": password, "new_password": strong_password()}
     )
     assert right.status == 401 and right.json() == INVALID_CREDENTIALS
-    assert server.client().login(email, password).json() == INVALID_CREDENTIALS
+    # Since issue 12 point 2 they count as a device's do, on their own key: a session's
+    # guesses stop that session, and others' failed logins cannot stop its owner.
+    assert server.client().login(email, password).status == 200
+    owner = server.client()
+    assert owner.login(email, password).status == 200
+    for _ in range(4):
+        assert server.client().login(email, "wrong-pass-2").status == 401
+    changed = owner.post(
+        "/auth/password/change", {"current_password": password, "new_password": strong_password()}
+    )
+    assert changed.status == 200, changed
 
 
 def test_forgot_rate_limit_per_identifier(make_server: ServerFactory, sink: MailSink) -> None:
