@@ -231,7 +231,19 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Config":
-        """Build the configuration from environment variables; raise ConfigError if unusable."""
+        """Build the configuration from environment variables; ConfigError naming every
+        malformed setting, or UnsafeConfigError naming every unsafe one in production."""
+        cfg, problems, unsafe = cls.examine_env(environ)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if unsafe:
+            raise UnsafeConfigError("; ".join(unsafe))
+        return cfg
+
+    @classmethod
+    def examine_env(cls, environ: Mapping[str, str]) -> tuple["Config", list[str], list[str]]:
+        """The configuration (defaults where a value is malformed), every malformed
+        setting, and in production every unsafe one, each as 'cause (fix)'."""
         read = _EnvReader(environ)
         cfg = cls(
             env=read.choice("CLOUDCHAT_ENV", "development", ("development", "production")),
@@ -241,7 +253,7 @@ class Config:
             db_path=read.text("CLOUDCHAT_DB_PATH", "cloudchat.db"),
             db_pool_size=read.integer("DB_POOL_SIZE", 4, 1, 100),
             db_timeout=read.number("DB_TIMEOUT", 3.0, 0.1, 120),
-            redis_url=_redis_url_from_env(environ),
+            redis_url=_redis_url_from_env(read),
             redis_timeout=read.number("REDIS_TIMEOUT", 1.0, 0.05, 60),
             redis_pool_size=read.integer("REDIS_POOL_SIZE", 64, 1, 1000),
             redis_key_prefix=read.text("REDIS_KEY_PREFIX", "cc:"),
@@ -278,20 +290,20 @@ class Config:
             smtp_host=read.text("SMTP_HOST", ""),
             smtp_port=read.integer("SMTP_PORT", 587, 1, 65535),
             smtp_user=read.text("SMTP_USER", ""),
-            smtp_pass=environ.get("SMTP_PASS", ""),
+            smtp_pass=read.secret("SMTP_PASS"),
             smtp_tls=read.flag("SMTP_TLS", True),
             smtp_ca_file=read.text("SMTP_CA_FILE", ""),
             smtp_timeout=read.number("SMTP_TIMEOUT", 10.0, 0.5, 300),
             mail_from=read.text("MAIL_FROM", "no-reply@localhost"),
             mail_sender_name=read.text("MAIL_SENDER_NAME", read.text("SITE_NAME", "CloudChat")),
             mail_retries=read.integer("MAIL_RETRIES", 2, 0, 10),
-            chat_providers=_chat_providers_from_env(environ, read),
+            chat_providers=_chat_providers_from_env(read),
             chat_thinking=read.flag("CHAT_THINKING", False),
             chat_connect_timeout=read.number("CHAT_CONNECT_TIMEOUT", 5.0, 0.1, 120),
             chat_read_timeout=read.number("CHAT_READ_TIMEOUT", 60.0, 0.1, 3600),
             chat_max_tokens=read.integer("CHAT_MAX_TOKENS", 1024, 1, 1_000_000),
             chat_temperature=read.number("CHAT_TEMPERATURE", 0.7, 0, 2),
-            system_prompt=environ.get("SYSTEM_PROMPT", "").strip() or DEFAULT_SYSTEM_PROMPT,
+            system_prompt=read.secret("SYSTEM_PROMPT").strip() or DEFAULT_SYSTEM_PROMPT,
             max_history=read.integer("MAX_HISTORY", 6, 0, 100),
             chat_max_chars=read.integer("CHAT_MAX_CHARS", 4000, 1, 1_000_000),
             chat_max_reply_chars=read.integer("CHAT_MAX_REPLY_CHARS", 32000, 100, 10_000_000),
@@ -316,27 +328,75 @@ class Config:
                 "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
             ),
         )
-        if cfg.argon2_memory_kib < 8 * cfg.argon2_parallelism:
-            raise ConfigError(
-                "ARGON2_MEMORY_KIB must be at least 8 x ARGON2_PARALLELISM; raise it or lower"
-                " the parallelism"
-            )
-        if cfg.secret_key and len(cfg.secret_key) < SECRET_KEY_MIN:
-            raise ConfigError(
-                f"SECRET_KEY is shorter than {SECRET_KEY_MIN} characters; make one with"
-                " `python -c 'import secrets; print(secrets.token_hex(32))'`"
-            )
-        blocklist = cfg.password_blocklist_file
-        if blocklist and not (os.path.isfile(blocklist) and os.access(blocklist, os.R_OK)):
-            raise ConfigError(
-                f"PASSWORD_BLOCKLIST_FILE={cfg.password_blocklist_file!r} cannot be read;"
-                " point it at a readable file of one password a line, or unset it"
-            )
+        problems = read.problems + setting_problems(cfg)
+        unsafe = []
         if cfg.production:
-            problems = production_problems(cfg)
-            if problems:
-                raise UnsafeConfigError("; ".join(problems))
-        return cfg
+            unsafe = production_problems(cfg) + [
+                f"{name} still holds a CHANGE_ME placeholder (put the real value in)"
+                for name in sorted(read.read)
+                if "CHANGE_ME" in environ.get(name, "")
+            ]
+        return cfg, problems, unsafe
+
+
+def setting_problems(cfg: Config) -> list[str]:
+    """Settings that are well-formed one by one but cannot work, as 'cause (fix)'."""
+    problems = []
+    if cfg.argon2_memory_kib < 8 * cfg.argon2_parallelism:
+        problems.append(
+            "ARGON2_MEMORY_KIB must be at least 8 x ARGON2_PARALLELISM (raise it or lower the"
+            " parallelism)"
+        )
+    if cfg.secret_key and len(cfg.secret_key) < SECRET_KEY_MIN:
+        problems.append(
+            f"SECRET_KEY is shorter than {SECRET_KEY_MIN} characters (make one with"
+            " `python -c 'import secrets; print(secrets.token_hex(32))'`)"
+        )
+    for name, path, what in (
+        ("PASSWORD_BLOCKLIST_FILE", cfg.password_blocklist_file, "a file of one password a line"),
+        ("SMTP_CA_FILE", cfg.smtp_ca_file, "the PEM file of the relay's CA"),
+    ):
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            problems.append(f"{name}={path!r} cannot be read (point it at {what}, or unset it)")
+    dsn = cfg.database_url
+    if dsn and not (dsn.startswith(("postgresql://", "postgres://")) or "=" in dsn):
+        problems.append(
+            f"DATABASE_URL={redact_url(dsn)!r} is not PostgreSQL (use postgresql://user:password"
+            "@host:port/db, or unset it for SQLite)"
+        )
+    if cfg.redis_url and not cfg.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append(
+            f"REDIS_URL={redact_url(cfg.redis_url)!r} is not a Redis URL (use"
+            " redis://:password@host:6379/0, rediss:// for TLS, or unix:///path)"
+        )
+    folder = os.path.dirname(os.path.abspath(cfg.db_path))
+    if not cfg.database_url and not os.path.isdir(folder):
+        problems.append(
+            f"CLOUDCHAT_DB_PATH={cfg.db_path!r}: the folder {folder} does not exist (create it,"
+            " or point the setting into an existing one)"
+        )
+    try:
+        listen_addresses(cfg.host)
+    except OSError as exc:
+        problems.append(
+            f"HOST={cfg.host!r} does not resolve ({exc.strerror or exc}); use an address such as"
+            " 127.0.0.1"
+        )
+    return problems
+
+
+def listen_addresses(host: str) -> list[Any]:
+    """The addresses HOST means, as the operating system reads it ('0' is 0.0.0.0 too)."""
+    infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+_URL_USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s/]*@")
+
+
+def redact_url(text: str) -> str:
+    """Text with the user and password of every URL in it replaced by '***'."""
+    return _URL_USERINFO_RE.sub(r"\1***@", text)
 
 
 def production_problems(cfg: Config) -> list[str]:
@@ -360,10 +420,29 @@ def production_problems(cfg: Config) -> list[str]:
         problems.append(
             "Redis is not configured, the in-process store serves one process only (set REDIS_URL)"
         )
-    if cfg.host in ("0.0.0.0", "::", ""):
+    with contextlib.suppress(OSError):  # an unresolvable HOST is a setting problem
+        if any(address.is_unspecified for address in listen_addresses(cfg.host)):
+            problems.append(
+                f"HOST={cfg.host} listens on every interface (keep HOST=127.0.0.1 behind"
+                " nginx, or name the one private address a remote proxy reaches)"
+            )
+    for network in cfg.trusted_proxies:
+        if network.prefixlen < (8 if network.version == 4 else 16):
+            problems.append(
+                f"TRUSTED_PROXIES includes {network}: every client could name its own address"
+                " in X-Forwarded-For (list only your proxies' addresses or ranges)"
+            )
+    for provider in cfg.chat_providers:
+        url = urllib.parse.urlsplit(provider.base_url)
+        if url.scheme == "http" and not _is_loopback(url.hostname or ""):
+            problems.append(
+                f"{PROVIDER_DEFAULTS[provider.name][0]}_BASE_URL is plain http to"
+                f" {url.hostname}: the API key would travel in clear (use https://)"
+            )
+    if not cfg.smtp_host:
         problems.append(
-            f"HOST={cfg.host or '(empty)'} listens on every interface (keep HOST=127.0.0.1"
-            " behind nginx, or name the one private address a remote proxy reaches)"
+            "SMTP_HOST is unset, password-reset mail would only be logged (name your mail"
+            " relay in SMTP_HOST)"
         )
     if not cfg.chat_providers:
         problems.append(
@@ -406,18 +485,32 @@ def _is_loopback(host: str) -> bool:
 
 
 class _EnvReader:
-    """Typed reads of environment variables with errors that name the variable."""
+    """Typed reads of environment variables. A malformed value is noted (naming the
+    variable and the fix) and its default used, so that every problem is reported at once;
+    `problems` lists them."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
+        self.problems: list[str] = []
+        self.read: set[str] = set()  # every variable asked for
 
     def _raw(self, name: str) -> str | None:
+        self.read.add(name)
         value = self._environ.get(name)
         return None if value is None or value.strip() == "" else value.strip()
+
+    def _fail(self, problem: str, default: Any) -> Any:
+        self.problems.append(problem)
+        return default
 
     def text(self, name: str, default: str) -> str:
         raw = self._raw(name)
         return default if raw is None else raw
+
+    def secret(self, name: str) -> str:
+        """The value exactly as given ('' if unset): passwords may end in a blank."""
+        self.read.add(name)
+        return self._environ.get(name, "")
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...], upper: bool = False) -> str:
         raw = self._raw(name)
@@ -425,7 +518,7 @@ class _EnvReader:
             return default
         value = raw.upper() if upper else raw.lower()
         if value not in allowed:
-            raise ConfigError(f"{name}={raw!r} is not one of {', '.join(allowed)}")
+            return self._fail(f"{name}={raw!r} is not one of {', '.join(allowed)}", default)
         return value
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
@@ -435,9 +528,9 @@ class _EnvReader:
         try:
             value = int(raw)
         except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+            return self._fail(f"{name}={raw!r} is not a whole number", default)
         if not low <= value <= high:
-            raise ConfigError(f"{name}={value} is outside {low}..{high}")
+            return self._fail(f"{name}={value} is outside {low}..{high}", default)
         return value
 
     def number(self, name: str, default: float, low: float, high: float) -> float:
@@ -447,9 +540,9 @@ class _EnvReader:
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+            return self._fail(f"{name}={raw!r} is not a number of seconds", default)
         if not low <= value <= high:
-            raise ConfigError(f"{name}={value} is outside {low}..{high}")
+            return self._fail(f"{name}={value} is outside {low}..{high}", default)
         return value
 
     def flag(self, name: str, default: bool) -> bool:
@@ -460,13 +553,15 @@ class _EnvReader:
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{name}={raw!r} is not a switch (use 1 or 0)")
+        return self._fail(f"{name}={raw!r} is not a switch (use 1 or 0)", default)
 
     def url(self, name: str, default: str) -> str:
         raw = self.text(name, default).rstrip("/")
         parts = urllib.parse.urlsplit(raw)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"{name}={raw!r} is not an http(s) URL such as https://example.com")
+            return self._fail(
+                f"{name}={raw!r} is not an http(s) URL such as https://example.com", default
+            )
         return raw
 
     def rate(self, name: str, default: RateLimit) -> RateLimit:
@@ -475,10 +570,11 @@ class _EnvReader:
             return default
         match = re.fullmatch(r"(\d+)\s*/\s*(\d+)", raw)
         if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
-            raise ConfigError(f"{name}={raw!r} is not LIMIT/SECONDS, e.g. 10/600")
+            return self._fail(f"{name}={raw!r} is not LIMIT/SECONDS, e.g. 10/600", default)
         return RateLimit(int(match.group(1)), int(match.group(2)))
 
     def networks(self, name: str, default: str) -> tuple[Any, ...]:
+        self.read.add(name)
         raw = self._environ.get(name)
         raw = default if raw is None else raw
         networks = []
@@ -487,15 +583,11 @@ class _EnvReader:
                 try:
                     networks.append(ipaddress.ip_network(item.strip(), strict=False))
                 except ValueError:
-                    raise ConfigError(
-                        f"{name}: {item.strip()!r} is not an address or CIDR"
-                    ) from None
+                    self.problems.append(f"{name}: {item.strip()!r} is not an address or CIDR")
         return tuple(networks)
 
 
-def _chat_providers_from_env(
-    environ: Mapping[str, str], read: "_EnvReader"
-) -> tuple[ProviderConfig, ...]:
+def _chat_providers_from_env(read: _EnvReader) -> tuple[ProviderConfig, ...]:
     """The providers to try, in order: CHAT_PROVIDER, then each of CHAT_FALLBACK."""
     configured = {}
     for name, (prefix, base_url, model) in PROVIDER_DEFAULTS.items():
@@ -503,36 +595,36 @@ def _chat_providers_from_env(
             name=name,
             base_url=read.url(f"{prefix}_BASE_URL", base_url),
             model=read.text(f"{prefix}_MODEL", model),
-            api_key=environ.get(f"{prefix}_API_KEY", "").strip(),
+            api_key=read.secret(f"{prefix}_API_KEY").strip(),
         )
     with_keys = [name for name, provider in configured.items() if provider.api_key]
     primary = read.choice("CHAT_PROVIDER", with_keys[0] if with_keys else "", tuple(configured))
-    fallback = [n.strip().lower() for n in environ.get("CHAT_FALLBACK", "").split(",") if n.strip()]
+    fallback = [n.strip().lower() for n in read.text("CHAT_FALLBACK", "").split(",") if n.strip()]
     order: list[str] = []
     for name in ([primary] if primary else []) + fallback:
         if name not in configured:
-            raise ConfigError(f"CHAT_FALLBACK names {name!r}; use {', '.join(configured)}")
-        if not configured[name].api_key:
+            read.problems.append(f"CHAT_FALLBACK names {name!r} (use {', '.join(configured)})")
+        elif not configured[name].api_key:
             prefix = PROVIDER_DEFAULTS[name][0]
-            raise ConfigError(f"chat provider {name} is chosen but {prefix}_API_KEY is unset")
-        if name not in order:
+            read.problems.append(
+                f"chat provider {name} is chosen but {prefix}_API_KEY is unset (set it)"
+            )
+        elif name not in order:
             order.append(name)
     return tuple(configured[name] for name in order)
 
 
-def _redis_url_from_env(environ: Mapping[str, str]) -> str:
+def _redis_url_from_env(read: _EnvReader) -> str:
     """REDIS_URL, or one built from the REDIS_HOST/PORT/DB/PASSWORD variables; '' if neither."""
-    url = environ.get("REDIS_URL", "").strip()
+    url = read.secret("REDIS_URL").strip()
     if url:
         return url
-    host = environ.get("REDIS_HOST", "").strip()
+    host = read.text("REDIS_HOST", "")
     if not host:
         return ""
-    port = environ.get("REDIS_PORT", "").strip() or "6379"
-    db = environ.get("REDIS_DB", "").strip() or "0"
-    if not port.isdigit() or not db.isdigit():
-        raise ConfigError("REDIS_PORT and REDIS_DB must be whole numbers")
-    password = environ.get("REDIS_PASSWORD", "")
+    port = read.integer("REDIS_PORT", 6379, 1, 65535)
+    db = read.integer("REDIS_DB", 0, 0, 1_000_000)
+    password = read.secret("REDIS_PASSWORD")
     auth = f":{urllib.parse.quote(password, safe='')}@" if password else ""
     return f"redis://{auth}{host}:{port}/{db}"
 
@@ -555,12 +647,39 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-_CONTROL_CHARS = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
-
-
 def _escape(text: str) -> str:
-    """Text safe for one log line: control characters escaped."""
-    return text.translate(_CONTROL_CHARS)
+    """Text safe for one log line: every character that is not printable (C0 and C1 controls
+    such as U+0085, line and paragraph separators, bidi and zero-width marks) escaped, as
+    \\xNN or \\uNNNN, the same way for whatever a client or a provider wrote."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+        for c in text
+    )
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every log line (tracebacks included) with credentials out: the userinfo of any URL,
+    and the configured passwords and keys wherever a driver's error text repeats them (a
+    password with an '@' in it comes back from libpq split at the '@', so its pieces too)."""
+
+    def __init__(self, fmt: str, secrets_to_hide: Sequence[str] = ()) -> None:
+        super().__init__(fmt)
+        pieces = {part for secret in secrets_to_hide for part in (secret, *secret.split("@"))}
+        self._hidden = sorted((p for p in pieces if len(p) >= 4), key=len, reverse=True)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message on one line, whatever a client or provider put in its arguments; a
+        # traceback (added after this) keeps its own lines.
+        record.message = _escape(record.message)
+        return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = redact_url(super().format(record))
+        for secret in self._hidden:
+            line = line.replace(secret, "***")
+        return line
 
 
 def _json_bytes(payload: Any) -> bytes:
@@ -2263,6 +2382,7 @@ class Mailer:
         to = mask_email(mail.to)
         if not self._cfg.smtp_host:
             text = mail.text.replace(mail.secret, "[redacted]") if mail.secret else mail.text
+            text = text.replace(mail.to, to)
             log.info(
                 "mail %s to %s not sent, SMTP_HOST is unset; subject %r; text %r",
                 mail.kind,
@@ -3151,7 +3271,8 @@ class CloudChatApp:
         log.info(
             "%s %s %s %.1fms rid=%s",
             _escape(environ.get("REQUEST_METHOD", "-")),
-            _escape(path),
+            # PEP 3333 hands the path over as Latin-1: read it as the UTF-8 it was sent as.
+            _escape(path.encode("latin-1", "replace").decode("utf-8", "replace")),
             status,
             (time.perf_counter() - started) * 1000,
             rid,
@@ -4154,7 +4275,12 @@ def serve(cfg: Config) -> int:
         log=None,
         error_log=gevent.pywsgi.LoggingLogAdapter(log, logging.ERROR),
     )
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
+        application.close()
+        return 2
     host, port = server.address[:2]
     log.info("cloudchat %s listening on http://%s:%d", __version__, host, port)
     log.info("at most %d client connections at once", server.max_connections)
@@ -4238,8 +4364,57 @@ def set_account_active(cfg: Config, address: str, active: bool) -> int:
     return 0
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def config_secrets(cfg: Config) -> list[str]:
+    """The passwords and keys of a configuration, for RedactingFormatter to keep out of logs."""
+    found = [cfg.smtp_pass, cfg.secret_key, *(p.api_key for p in cfg.chat_providers)]
+    for url in (cfg.database_url, cfg.redis_url):
+        parts = urllib.parse.urlsplit(url) if "://" in url else None
+        if parts is not None and parts.password:
+            found += [parts.password, urllib.parse.unquote(parts.password)]
+        found += re.findall(r"password=(\S+)", url)
+    return [secret for secret in found if secret]
+
+
+def setup_logging(cfg: Config) -> None:
+    """One line per record on stdout (for journald), credentials redacted, text escaped."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(RedactingFormatter(LOG_FORMAT, config_secrets(cfg)))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.log_level)
+
+
+def check_config(environ: Mapping[str, str]) -> int:
+    """Command line: print the effective configuration (secrets masked) and every problem."""
+    cfg, problems, unsafe = Config.examine_env(environ)
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.name == "chat_providers":
+            shown = ", ".join(f"{p.name} {p.model} at {p.base_url}" for p in value) or "(none)"
+        elif not field.repr:
+            shown = redact_url(value) if "://" in value else ("***" if value else "(unset)")
+        elif isinstance(value, tuple):
+            shown = ",".join(str(item) for item in value)
+        elif isinstance(value, RateLimit):
+            shown = f"{value.limit}/{value.window}"
+        else:
+            shown = str(value)
+        print(f"{field.name} = {shown}")
+    for problem in problems:
+        print(f"problem: {problem}")
+    for problem in unsafe:
+        print(f"unsafe in production: {problem}")
+    if problems or unsafe:
+        return 2
+    print("configuration ok")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: serve (default), initdb, deactivate or activate."""
+    """Command line: serve (default), initdb, check-config, deactivate or activate."""
     parser = argparse.ArgumentParser(
         prog="cloudchat.py",
         description="CloudChat server. Settings come from environment variables"
@@ -4249,16 +4424,21 @@ def main(argv: list[str] | None = None) -> int:
         "command",
         nargs="?",
         default="serve",
-        choices=("serve", "initdb", "deactivate", "activate"),
+        choices=("serve", "initdb", "check-config", "deactivate", "activate"),
         help="serve: run the HTTP server on HOST:PORT (default). initdb: create or update"
         " the tables in DATABASE_URL's PostgreSQL (from schema.sql) or in the SQLite file"
-        " CLOUDCHAT_DB_PATH; safe to run again. deactivate EMAIL: refuse the account's"
-        " logins and end its sessions at once. activate EMAIL: allow it again.",
+        " CLOUDCHAT_DB_PATH; safe to run again. check-config: print the configuration the"
+        " environment gives (secrets masked) and every problem in it; exit 0 if none, else 2."
+        " deactivate EMAIL: refuse the account's logins and end its sessions at once."
+        " activate EMAIL: allow it again.",
     )
     parser.add_argument("email", nargs="?", help="the account, for deactivate and activate")
+    parser.add_argument("--version", action="version", version=f"cloudchat {__version__}")
     args = parser.parse_args(argv)
     if (args.command in ("deactivate", "activate")) != (args.email is not None):
         parser.error("deactivate and activate take an email address; other commands none")
+    if args.command == "check-config":
+        return check_config(os.environ)
     try:
         cfg = Config.from_env(os.environ)
     except UnsafeConfigError as exc:
@@ -4267,11 +4447,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cloudchat: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        stream=sys.stdout,
-        level=cfg.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(cfg)
     if args.command == "initdb":
         return initdb(cfg)
     if args.command in ("deactivate", "activate"):

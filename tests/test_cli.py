@@ -127,6 +127,8 @@ def _production_env(tmp_path: Path, **changes: str | None) -> dict[str, str]:
         CLOUDCHAT_DB_PATH=str(tmp_path / "unused.db"),
         DEEPSEEK_API_KEY="sk-test-unused",
         SECRET_KEY=TEST_SECRET_KEY,
+        SMTP_HOST="127.0.0.1",
+        SMTP_PORT=str(free_port()),
     )
     for key, value in changes.items():
         if value is None:
@@ -150,6 +152,19 @@ GUARD_CASES = {
         {"SMTP_HOST": "smtp.example.com", "SMTP_PORT": "587", "SMTP_TLS": "0"},
         "SMTP_TLS",
     ),
+    # Issue 13 point 9: addresses read as addresses, and the gaps the review found.
+    "bind-0": ({"HOST": "0"}, "HOST"),
+    "bind-colon-0": ({"HOST": "::0"}, "HOST"),
+    "bind-long-ipv6-zero": ({"HOST": "0:0:0:0:0:0:0:0"}, "HOST"),
+    "bind-0-0-0-00": ({"HOST": "0.0.0.00"}, "HOST"),
+    "trust-everyone": ({"TRUSTED_PROXIES": "0.0.0.0/0,::/0"}, "TRUSTED_PROXIES"),
+    "provider-in-clear": (
+        {"DEEPSEEK_BASE_URL": "http://api.deepseek.example"},
+        "DEEPSEEK_BASE_URL",
+    ),
+    "no-smtp-host": ({"SMTP_HOST": None}, "SMTP_HOST"),
+    "no-secret-key": ({"SECRET_KEY": None}, "SECRET_KEY"),
+    "change-me-left": ({"DEEPSEEK_API_KEY": "CHANGE_ME"}, "DEEPSEEK_API_KEY"),
 }
 
 
@@ -176,6 +191,13 @@ CONFIG_ERRORS = {
         "CHAT_FALLBACK",
     ),
     "base-url-not-http": ({"DEEPSEEK_BASE_URL": "ftp://x"}, "DEEPSEEK_BASE_URL"),
+    # Issue 13 point 8: each of these was a traceback, or passed and failed later.
+    "redis-url-http": ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+    "database-url-mysql": ({"DATABASE_URL": "mysql://u:pw@db/x"}, "DATABASE_URL"),
+    "host-unresolvable": ({"HOST": "no-such-host.invalid"}, "HOST"),
+    "db-path-missing-folder": ({"CLOUDCHAT_DB_PATH": "/nonexistent-cc/cc.db"}, "CLOUDCHAT_DB_PATH"),
+    "smtp-ca-file-missing": ({"SMTP_CA_FILE": "/nonexistent-cc/ca.pem"}, "SMTP_CA_FILE"),
+    "secret-key-short": ({"SECRET_KEY": "short"}, "SECRET_KEY"),
 }
 
 
@@ -198,6 +220,8 @@ def test_production_with_safe_settings_starts(make_server: ServerFactory) -> Non
         "FRONTEND_BASE_URL": "https://chat.example.com",
         "DEEPSEEK_API_KEY": "sk-test-unused",
         "SECRET_KEY": TEST_SECRET_KEY,
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(free_port()),
         **dict.fromkeys(CHEAP_ARGON2),
     }
     srv = make_server.start("postgres", production)

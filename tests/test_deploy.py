@@ -782,10 +782,17 @@ def test_unit_runs_unprivileged_capped_and_sandboxed() -> None:
 
 
 def test_production_env_file_starts_in_production_mode() -> None:
-    """deploy/cloudchat.env passes every production check and keeps the app on loopback."""
+    """deploy/cloudchat.env, its CHANGE_ME values filled in, passes every production check
+    and keeps the app on loopback; unedited, it is refused, naming each placeholder."""
     import cloudchat
 
-    cfg = cloudchat.Config.from_env(env_file(DEPLOY / "cloudchat.env"))
+    shipped = env_file(DEPLOY / "cloudchat.env")
+    with pytest.raises(cloudchat.UnsafeConfigError) as refused:
+        cloudchat.Config.from_env(shipped)
+    for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "SMTP_PASS", "DEEPSEEK_API_KEY"):
+        assert f"{name} still holds a CHANGE_ME placeholder" in str(refused.value)
+    edited = {name: value.replace("CHANGE_ME", "filled-in") for name, value in shipped.items()}
+    cfg = cloudchat.Config.from_env(edited)
     assert cfg.production and cloudchat.production_problems(cfg) == []
     assert cfg.host == "127.0.0.1"
     assert cfg.cookie_secure

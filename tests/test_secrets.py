@@ -174,6 +174,8 @@ def test_cookie_flags_in_production(make_server: ServerFactory) -> None:
                 "FRONTEND_BASE_URL": "https://chat.example.com",
                 "DEEPSEEK_API_KEY": "sk-production-test",
                 "SECRET_KEY": TEST_SECRET_KEY,
+                "SMTP_HOST": "127.0.0.1",
+                "SMTP_PORT": "9",
                 "DEEPSEEK_BASE_URL": provider.url(),
             },
         )
