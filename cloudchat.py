@@ -185,6 +185,7 @@ class Config:
     rate_forgot_identifier: RateLimit = RateLimit(5, 3600)
     site_name: str = "CloudChat"
     frontend_base_url: str = "http://localhost:5000"
+    allowed_origins: tuple[str, ...] = ()
     pwreset_token_ttl: int = 900
     pwreset_revoke_sessions: bool = True
     smtp_host: str = ""
@@ -285,6 +286,7 @@ class Config:
             rate_forgot_identifier=read.rate("RATE_FORGOT_IDENTIFIER", RateLimit(5, 3600)),
             site_name=read.text("SITE_NAME", "CloudChat"),
             frontend_base_url=read.url("FRONTEND_BASE_URL", "http://localhost:5000"),
+            allowed_origins=read.origins("ALLOWED_ORIGINS"),
             pwreset_token_ttl=read.integer("PWRESET_TOKEN_TTL", 900, 60, 86400),
             pwreset_revoke_sessions=read.flag("PWRESET_REVOKE_SESSIONS", True),
             smtp_host=read.text("SMTP_HOST", ""),
@@ -573,6 +575,20 @@ class _EnvReader:
             return self._fail(f"{name}={raw!r} is not LIMIT/SECONDS, e.g. 10/600", default)
         return RateLimit(int(match.group(1)), int(match.group(2)))
 
+    def origins(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list of web origins (scheme://host[:port]), normalised."""
+        found = []
+        for item in (self._raw(name) or "").split(","):
+            if item.strip():
+                origin = web_origin(item.strip())
+                if origin is None:
+                    self.problems.append(
+                        f"{name}: {item.strip()!r} is not an origin such as https://app.example.com"
+                    )
+                else:
+                    found.append(origin)
+        return tuple(found)
+
     def networks(self, name: str, default: str) -> tuple[Any, ...]:
         self.read.add(name)
         raw = self._environ.get(name)
@@ -585,6 +601,21 @@ class _EnvReader:
                 except ValueError:
                     self.problems.append(f"{name}: {item.strip()!r} is not an address or CIDR")
         return tuple(networks)
+
+
+def web_origin(url: str) -> str | None:
+    """scheme://host[:port] of a URL, lower-case, the default port dropped; None if none."""
+    parts = urllib.parse.urlsplit(url.strip().lower())
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is None or port == {"http": 80, "https": 443}[parts.scheme]:
+        return f"{parts.scheme}://{host}"
+    return f"{parts.scheme}://{host}:{port}"
 
 
 def _chat_providers_from_env(read: _EnvReader) -> tuple[ProviderConfig, ...]:
@@ -3154,6 +3185,10 @@ def read_json_object(max_bytes: int, body_timeout: float = 20.0) -> dict[str, An
         raise ApiError(413, "body_too_large", f"Request body exceeds {max_bytes} bytes")
     if not raw.strip():
         return {}
+    if not media_type:
+        # A no-cors fetch() with a Blob body sends no Content-Type and needs no preflight:
+        # only a body declared as JSON is read.
+        raise ApiError(415, "unsupported_media_type", "Send the body as application/json")
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -3226,12 +3261,53 @@ def _request_id_from(incoming: str) -> str:
     return str(uuid.uuid4())
 
 
+STATE_CHANGING = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+
+
+def cross_site_refusal(
+    environ: Mapping[str, Any], cfg: Config, site_origins: frozenset[str]
+) -> bool:
+    """True for a state-changing request a browser sent from another site: marked
+    `Sec-Fetch-Site: cross-site`, or with an Origin that is neither this server's own nor
+    the site's (FRONTEND_BASE_URL, ALLOWED_ORIGINS). No Origin at all (curl) passes."""
+    if environ.get("REQUEST_METHOD") not in STATE_CHANGING:
+        return False
+    if environ.get("HTTP_SEC_FETCH_SITE", "").lower() == "cross-site":
+        return True
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None:
+        return False
+    found = web_origin(origin)
+    if found is None:
+        return True  # "null" (a sandboxed frame, a file://) or garbage
+    if found in site_origins:
+        return False
+    scheme = environ.get("wsgi.url_scheme", "http")
+    forwarded = environ.get("HTTP_X_FORWARDED_PROTO", "").lower()
+    if forwarded in ("http", "https") and _is_trusted(
+        environ.get("REMOTE_ADDR", ""), cfg.trusted_proxies
+    ):
+        scheme = forwarded
+    return found != web_origin(f"{scheme}://{environ.get('HTTP_HOST', '')}")
+
+
+_CROSS_SITE_BODY = _json_bytes(
+    {
+        "ok": False,
+        "error": "Cross-site requests are not accepted here",
+        "code": "cross_site",
+    }
+)
+
+
 class CloudChatApp:
     """The WSGI application: request id, security headers and one log line per request."""
 
     def __init__(self, services: Services, router: bottle.Bottle) -> None:
         self.services = services
         self.router = router
+        origins = [web_origin(services.cfg.frontend_base_url), *services.cfg.allowed_origins]
+        self.site_origins = frozenset(o for o in origins if o)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         started = time.perf_counter()
@@ -3257,6 +3333,18 @@ class CloudChatApp:
             seen.append(status)
             return start_response(status, headers, exc_info)
 
+        if cross_site_refusal(environ, self.services.cfg, self.site_origins):
+            # Before any route runs: a page on another site cannot make a logged-in browser
+            # change anything here (SameSite=Lax does not cover a same-site origin).
+            start(
+                "403 Forbidden",
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(_CROSS_SITE_BODY))),
+                ],
+            )
+            self._log(environ, path, seen, started, rid)
+            return [_CROSS_SITE_BODY]
         body = self.router(environ, start)
         if isinstance(body, list):
             self._log(environ, path, seen, started, rid)
@@ -3526,6 +3614,9 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
 
     @router.post("/auth/logout")
     def logout() -> dict[str, Any]:
+        # Read, though it may be empty: a text/plain or form body (which any page may send
+        # without a preflight) is a 415, not a logout.
+        read_json_object(cfg.max_body_bytes, cfg.body_timeout)
         token = auth_token(cfg)
         if token:
             revoke_session(s.sql, s.kv, cfg, token)

@@ -632,7 +632,15 @@ ENDPOINTS = {
         {**BODY_ERRORS, **MEDIA_ERRORS, 401: {"invalid_credentials"}},
         {200: _login_ok},
     ),
-    "logout": Endpoint("POST", "/auth/logout", (), {}, {200: _logout_ok}, session=True),
+    # Since issue 13 logout reads its (optional) body: a non-JSON one is a 415, not a logout.
+    "logout": Endpoint(
+        "POST",
+        "/auth/logout",
+        (),
+        {**BODY_ERRORS, **MEDIA_ERRORS},
+        {200: _logout_ok},
+        session=True,
+    ),
     "forgot": Endpoint(
         "POST",
         "/auth/password/forgot",

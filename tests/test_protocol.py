@@ -180,3 +180,89 @@ def test_refusals_before_the_app_carry_nosniff(server: Server) -> None:
     )
     for answer in (big, coding):
         assert b"\r\nX-Content-Type-Options: nosniff\r\n" in answer, answer[:300]
+
+
+@pytest.fixture(scope="module")
+def origins_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """A server whose site is https://site.example and which also trusts one other origin."""
+    overrides = {
+        **HIGH_LIMITS,
+        "FRONTEND_BASE_URL": "https://site.example",
+        "ALLOWED_ORIGINS": "https://app.example:8443",
+    }
+    yield from shared_server(request, tmp_path_factory, overrides, setup="embedded")
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 200),
+        ({"Sec-Fetch-Site": "same-origin"}, 200),
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Origin": "https://evil.example"}, 403),
+        ({"Origin": "null"}, 403),
+        ({"Origin": "https://site.example"}, 200),
+        ({"Origin": "https://SITE.example:443"}, 200),
+        ({"Origin": "https://app.example:8443"}, 200),
+        ({"Origin": "https://app.example"}, 403),
+        ({"Origin": "https://site.example", "Sec-Fetch-Site": "cross-site"}, 403),
+    ],
+    ids=[
+        "curl",
+        "same-origin",
+        "cross-site",
+        "foreign-origin",
+        "null-origin",
+        "site",
+        "site-default-port",
+        "allowed-origin",
+        "allowed-host-other-port",
+        "site-origin-but-cross-site",
+    ],
+)
+def test_cross_site_state_changes_are_refused(
+    origins_server: Server, headers: dict[str, str], status: int
+) -> None:
+    """Point 4: a state-changing request from another site gets 403 cross_site."""
+    response = origins_server.client().post("/auth/logout", {}, headers=headers)
+    assert response.status == status, response
+    if status == 403:
+        assert response.json()["code"] == "cross_site"
+        assert response.header("X-Content-Type-Options") == "nosniff"
+
+
+def test_own_origin_and_safe_methods_pass(origins_server: Server) -> None:
+    """Point 4: the server's own origin may post; a GET from anywhere is not refused."""
+    own = f"http://127.0.0.1:{origins_server.port}"
+    client = origins_server.client()
+    assert client.post("/auth/logout", {}, headers={"Origin": own}).status == 200
+    assert client.get("/test", headers={"Origin": "https://evil.example"}).status == 200
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (None, b'{"identifier": "a@example.com", "password": "xxxxxxxxx"}'),
+        ("text/plain", b'{"identifier": "a@example.com", "password": "xxxxxxxxx"}'),
+        ("application/x-www-form-urlencoded", b"identifier=a%40example.com&password=x"),
+    ],
+    ids=["no-content-type", "text-plain", "form"],
+)
+@pytest.mark.parametrize("path", ["/auth/login", "/auth/logout", "/deepseek_chat"])
+def test_a_body_must_be_declared_json(
+    server: Server, path: str, content_type: str | None, body: bytes
+) -> None:
+    """Point 4: a body without a JSON Content-Type is a 415 everywhere, logout included
+    (a no-cors fetch with a Blob body sends none and needs no preflight)."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = server.client().post(path, body=body, headers=headers)
+    assert response.status == 415, response
+    assert response.json()["code"] == "unsupported_media_type"
+
+
+def test_bodyless_post_without_content_type_still_works(server: Server) -> None:
+    """Point 4: the curl examples post without a body or a Content-Type."""
+    assert server.client().post("/auth/logout").status == 200
+    assert server.client().post("/reset_chat").status == 200
