@@ -713,6 +713,29 @@ class RedactingFormatter(logging.Formatter):
         return line
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def config_secrets(cfg: Config) -> list[str]:
+    """The passwords and keys of a configuration, for RedactingFormatter to keep out of logs."""
+    found = [cfg.smtp_pass, cfg.secret_key, *(p.api_key for p in cfg.chat_providers)]
+    for url in (cfg.database_url, cfg.redis_url):
+        parts = urllib.parse.urlsplit(url) if "://" in url else None
+        if parts is not None and parts.password:
+            found += [parts.password, urllib.parse.unquote(parts.password)]
+        found += re.findall(r"password=(\S+)", url)
+    return [secret for secret in found if secret]
+
+
+def setup_logging(cfg: Config) -> None:
+    """One line per record on stdout (for journald), credentials redacted, text escaped."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(RedactingFormatter(LOG_FORMAT, config_secrets(cfg)))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.log_level)
+
+
 def _json_bytes(payload: Any) -> bytes:
     """Compact UTF-8 JSON, as every answer and stream line is written; U+2028, U+2029 and
     U+0085 escaped, so that any line splitter (str.splitlines, some JavaScript readers)
@@ -3968,9 +3991,7 @@ def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
             *history,
             {"role": "user", "content": message},
         ]
-        watch = HangupWatch(
-            bottle.request.environ.get("cloudchat.socket") if cfg.chat_providers else None
-        )
+        watch = HangupWatch(client_socket(bottle.request.environ) if cfg.chat_providers else None)
         try:
             stream, batches, first = start_chat(s, messages, watch)
         except VisitorLeft:
@@ -4006,13 +4027,35 @@ _lazy_app: CloudChatApp | None = None
 _lazy_app_lock = threading.Lock()
 
 
+def client_socket(environ: Mapping[str, Any]) -> socket.socket | None:
+    """The visitor's socket, to notice a hang-up: CloudChat's own server and gunicorn hand
+    it over; other servers do not (there a chat ends when the provider's answer does)."""
+    return environ.get("cloudchat.socket") or environ.get("gunicorn.socket")
+
+
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-    """WSGI entry point for other servers; built from the environment on the first request."""
+    """WSGI entry point for other servers; built from the environment on the first request.
+
+    What an embedding server must provide, since CloudChat's own HTTP layer is not there:
+    gevent (gunicorn -k gevent), a proxy in front that bounds header and body times and
+    header sizes (nginx does), and REDIS_URL when it runs more than one worker process.
+    """
     global _lazy_app
     if _lazy_app is None:
         with _lazy_app_lock:
             if _lazy_app is None:
-                _lazy_app = create_app(Config.from_env(os.environ))
+                cfg = Config.from_env(os.environ)
+                if not logging.getLogger().handlers:
+                    setup_logging(cfg)  # the embedding server set up no logging of its own
+                _lazy_app = create_app(cfg)
+                if not _lazy_app.services.kv.shared:
+                    log.warning(
+                        "embedded in %s with the in-process store: rate limits and chat"
+                        " history belong to this worker process only (pid %d); run one worker,"
+                        " or set REDIS_URL to share them",
+                        environ.get("SERVER_SOFTWARE", "another WSGI server"),
+                        os.getpid(),
+                    )
     return _lazy_app(environ, start_response)
 
 
@@ -4453,29 +4496,6 @@ def set_account_active(cfg: Config, address: str, active: bool) -> int:
     state = "active" if active else f"inactive, {ended} live session(s) ended"
     print(f"account {user_id} is {state}")
     return 0
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def config_secrets(cfg: Config) -> list[str]:
-    """The passwords and keys of a configuration, for RedactingFormatter to keep out of logs."""
-    found = [cfg.smtp_pass, cfg.secret_key, *(p.api_key for p in cfg.chat_providers)]
-    for url in (cfg.database_url, cfg.redis_url):
-        parts = urllib.parse.urlsplit(url) if "://" in url else None
-        if parts is not None and parts.password:
-            found += [parts.password, urllib.parse.unquote(parts.password)]
-        found += re.findall(r"password=(\S+)", url)
-    return [secret for secret in found if secret]
-
-
-def setup_logging(cfg: Config) -> None:
-    """One line per record on stdout (for journald), credentials redacted, text escaped."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(RedactingFormatter(LOG_FORMAT, config_secrets(cfg)))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(cfg.log_level)
 
 
 def check_config(environ: Mapping[str, str]) -> int:
