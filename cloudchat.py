@@ -110,7 +110,7 @@ class RateLimit:
     window: int
 
 
-DEFAULT_TRUSTED_PROXIES = "127.0.0.1/32,::1/128"
+DEFAULT_TRUSTED_PROXIES = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
 
 # Model providers behind OpenAI-compatible chat-completions APIs: name -> (environment
 # prefix, default base URL, default model). DeepSeek retired deepseek-chat and
@@ -146,84 +146,113 @@ ARGON2_DEFAULT_PARALLELISM = 1
 SECRET_KEY_MIN = 32
 
 
+def _setting(env: str, default: Any, kind: str = "text", *args: Any, **meta: Any) -> Any:
+    """A Config field, declared once: its default, the variable it is read from and how (the
+    _EnvReader method `kind`, with `args` such as bounds). secret=True keeps it out of repr;
+    fallback="field" takes that field's value when the variable is unset."""
+    return dataclasses.field(
+        default=default,
+        repr=not meta.get("secret", False),
+        metadata={"env": env, "kind": kind, "args": args, "fallback": meta.get("fallback", "")},
+    )
+
+
+MB = 1024 * 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of the server, read once from the environment."""
+    """Every setting of the server, each declared once (default, variable, parser, bounds);
+    `Config()` is what an empty environment gives, read once by `from_env`."""
 
-    env: str = "development"
-    host: str = "127.0.0.1"
-    port: int = 5000
-    database_url: str = dataclasses.field(default="", repr=False)
-    db_path: str = "cloudchat.db"
-    db_pool_size: int = 4
-    db_timeout: float = 3.0
-    redis_url: str = dataclasses.field(default="", repr=False)
-    redis_timeout: float = 1.0
-    redis_pool_size: int = 64
-    redis_key_prefix: str = "cc:"
-    auth_cookie_name: str = "cc_auth"
-    app_session_cookie_name: str = "cc_app"
-    cookie_secure: bool = False
-    session_ttl: int = 604800
-    session_cache_seconds: int = 60
-    trusted_proxies: tuple[Any, ...] = ()
-    ipv6_prefix_length: int = 64
-    secret_key: str = dataclasses.field(default="", repr=False)
-    max_body_bytes: int = 65536
-    argon2_time_cost: int = ARGON2_DEFAULT_TIME_COST
-    argon2_memory_kib: int = ARGON2_DEFAULT_MEMORY_KIB
-    argon2_parallelism: int = ARGON2_DEFAULT_PARALLELISM
-    argon2_max_concurrency: int = 2
-    argon2_max_queue: int = 16
-    password_require_mix: bool = False
-    password_blocklist_file: str = ""
-    rate_register_ip: RateLimit = RateLimit(10, 3600)
-    rate_register_email: RateLimit = RateLimit(3, 3600)
-    rate_login_ip: RateLimit = RateLimit(10, 600)
-    rate_login_identifier: RateLimit = RateLimit(10, 600)
-    rate_forgot_ip: RateLimit = RateLimit(20, 3600)
-    rate_forgot_identifier: RateLimit = RateLimit(5, 3600)
-    site_name: str = "CloudChat"
-    frontend_base_url: str = "http://localhost:5000"
-    allowed_origins: tuple[str, ...] = ()
-    pwreset_token_ttl: int = 900
-    pwreset_revoke_sessions: bool = True
-    smtp_host: str = ""
-    smtp_port: int = 587
-    smtp_user: str = ""
-    smtp_pass: str = dataclasses.field(default="", repr=False)
-    smtp_tls: bool = True
-    smtp_ca_file: str = ""
-    smtp_timeout: float = 10.0
-    mail_from: str = "no-reply@localhost"
-    mail_sender_name: str = "CloudChat"
-    mail_retries: int = 2
-    chat_providers: tuple[ProviderConfig, ...] = ()
-    chat_thinking: bool = False
-    chat_connect_timeout: float = 5.0
-    chat_read_timeout: float = 60.0
-    chat_max_tokens: int = 1024
-    chat_temperature: float = 0.7
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    max_history: int = 6
-    chat_max_chars: int = 4000
-    chat_max_reply_chars: int = 32000
-    chat_busy_streams: int = 100
-    chat_history_ttl: int = 3600
-    chat_require_auth: bool = False
-    rate_chat_visitor: RateLimit = RateLimit(20, 60)
-    rate_chat_ip: RateLimit = RateLimit(60, 60)
-    rate_visitor_ids_ip: RateLimit = RateLimit(60, 3600)
-    chat_history_max_bytes: int = 65536
-    chat_history_budget_mb: int = 16
-    debug_return_reset_token: bool = False
-    health_timeout: float = 2.0
-    client_timeout: float = 30.0
-    header_timeout: float = 10.0
-    body_timeout: float = 20.0
-    max_connections: int = 0
-    shutdown_grace: float = 10.0
-    log_level: str = "INFO"
+    env: str = _setting("CLOUDCHAT_ENV", "development", "choice", ("development", "production"))
+    host: str = _setting("HOST", "127.0.0.1")
+    port: int = _setting("PORT", 5000, "integer", 0, 65535)
+    database_url: str = _setting("DATABASE_URL", "", secret=True)
+    db_path: str = _setting("CLOUDCHAT_DB_PATH", "cloudchat.db")
+    db_pool_size: int = _setting("DB_POOL_SIZE", 4, "integer", 1, 100)
+    db_timeout: float = _setting("DB_TIMEOUT", 3.0, "number", 0.1, 120)
+    redis_url: str = _setting("REDIS_URL", "", "redis_url", secret=True)
+    redis_timeout: float = _setting("REDIS_TIMEOUT", 1.0, "number", 0.05, 60)
+    redis_pool_size: int = _setting("REDIS_POOL_SIZE", 64, "integer", 1, 1000)
+    redis_key_prefix: str = _setting("REDIS_KEY_PREFIX", "cc:")
+    auth_cookie_name: str = _setting("AUTH_COOKIE_NAME", "cc_auth")
+    app_session_cookie_name: str = _setting("APP_SESSION_COOKIE_NAME", "cc_app")
+    cookie_secure: bool = _setting("COOKIE_SECURE", False, "flag")
+    session_ttl: int = _setting("SESSION_TTL_SECONDS", 604800, "integer", 60, 31536000)
+    session_cache_seconds: int = _setting("SESSION_CACHE_SECONDS", 60, "integer", 1, 86400)
+    trusted_proxies: tuple[Any, ...] = _setting(
+        "TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES, "networks"
+    )
+    ipv6_prefix_length: int = _setting("IPV6_PREFIX_LENGTH", 64, "integer", 32, 128)
+    secret_key: str = _setting("SECRET_KEY", "", secret=True)
+    max_body_bytes: int = _setting("MAX_BODY_BYTES", 65536, "integer", 1024, 16 * MB)
+    argon2_time_cost: int = _setting(
+        "ARGON2_TIME_COST", ARGON2_DEFAULT_TIME_COST, "integer", 1, 100
+    )
+    argon2_memory_kib: int = _setting(
+        "ARGON2_MEMORY_KIB", ARGON2_DEFAULT_MEMORY_KIB, "integer", 8, 4 * MB
+    )
+    argon2_parallelism: int = _setting(
+        "ARGON2_PARALLELISM", ARGON2_DEFAULT_PARALLELISM, "integer", 1, 64
+    )
+    argon2_max_concurrency: int = _setting("ARGON2_MAX_CONCURRENCY", 2, "integer", 1, 64)
+    argon2_max_queue: int = _setting("ARGON2_MAX_QUEUE", 16, "integer", 0, 10_000)
+    password_require_mix: bool = _setting("PASSWORD_REQUIRE_MIX", False, "flag")
+    password_blocklist_file: str = _setting("PASSWORD_BLOCKLIST_FILE", "")
+    rate_register_ip: RateLimit = _setting("RATE_REGISTER_IP", RateLimit(10, 3600), "rate")
+    rate_register_email: RateLimit = _setting("RATE_REGISTER_EMAIL", RateLimit(3, 3600), "rate")
+    rate_login_ip: RateLimit = _setting("RATE_LOGIN_IP", RateLimit(10, 600), "rate")
+    rate_login_identifier: RateLimit = _setting("RATE_LOGIN_IDENTIFIER", RateLimit(10, 600), "rate")
+    rate_forgot_ip: RateLimit = _setting("RATE_FORGOT_IP", RateLimit(20, 3600), "rate")
+    rate_forgot_identifier: RateLimit = _setting(
+        "RATE_FORGOT_IDENTIFIER", RateLimit(5, 3600), "rate"
+    )
+    site_name: str = _setting("SITE_NAME", "CloudChat")
+    frontend_base_url: str = _setting("FRONTEND_BASE_URL", "http://localhost:5000", "url")
+    allowed_origins: tuple[str, ...] = _setting("ALLOWED_ORIGINS", (), "origins")
+    pwreset_token_ttl: int = _setting("PWRESET_TOKEN_TTL", 900, "integer", 60, 86400)
+    pwreset_revoke_sessions: bool = _setting("PWRESET_REVOKE_SESSIONS", True, "flag")
+    smtp_host: str = _setting("SMTP_HOST", "")
+    smtp_port: int = _setting("SMTP_PORT", 587, "integer", 1, 65535)
+    smtp_user: str = _setting("SMTP_USER", "")
+    smtp_pass: str = _setting("SMTP_PASS", "", "secret", secret=True)
+    smtp_tls: bool = _setting("SMTP_TLS", True, "flag")
+    smtp_ca_file: str = _setting("SMTP_CA_FILE", "")
+    smtp_timeout: float = _setting("SMTP_TIMEOUT", 10.0, "number", 0.5, 300)
+    mail_from: str = _setting("MAIL_FROM", "no-reply@localhost")
+    mail_sender_name: str = _setting("MAIL_SENDER_NAME", "CloudChat", fallback="site_name")
+    mail_retries: int = _setting("MAIL_RETRIES", 2, "integer", 0, 10)
+    chat_providers: tuple[ProviderConfig, ...] = _setting("CHAT_PROVIDER", (), "providers")
+    chat_thinking: bool = _setting("CHAT_THINKING", False, "flag")
+    chat_connect_timeout: float = _setting("CHAT_CONNECT_TIMEOUT", 5.0, "number", 0.1, 120)
+    chat_read_timeout: float = _setting("CHAT_READ_TIMEOUT", 60.0, "number", 0.1, 3600)
+    chat_max_tokens: int = _setting("CHAT_MAX_TOKENS", 1024, "integer", 1, 1_000_000)
+    chat_temperature: float = _setting("CHAT_TEMPERATURE", 0.7, "number", 0, 2)
+    system_prompt: str = _setting("SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT, "prompt")
+    max_history: int = _setting("MAX_HISTORY", 6, "integer", 0, 100)
+    chat_max_chars: int = _setting("CHAT_MAX_CHARS", 4000, "integer", 1, 1_000_000)
+    chat_max_reply_chars: int = _setting("CHAT_MAX_REPLY_CHARS", 32000, "integer", 100, 10_000_000)
+    chat_busy_streams: int = _setting("CHAT_BUSY_STREAMS", 100, "integer", 0, 1_000_000)
+    chat_history_ttl: int = _setting("CHAT_HISTORY_TTL", 3600, "integer", 60, 30 * 86400)
+    chat_require_auth: bool = _setting("CHAT_REQUIRE_AUTH", False, "flag")
+    rate_chat_visitor: RateLimit = _setting("RATE_CHAT_VISITOR", RateLimit(20, 60), "rate")
+    rate_chat_ip: RateLimit = _setting("RATE_CHAT_IP", RateLimit(60, 60), "rate")
+    rate_visitor_ids_ip: RateLimit = _setting("RATE_VISITOR_IDS_IP", RateLimit(60, 3600), "rate")
+    chat_history_max_bytes: int = _setting(
+        "CHAT_HISTORY_MAX_BYTES", 65536, "integer", 1024, 16 * MB
+    )
+    chat_history_budget_mb: int = _setting("CHAT_HISTORY_BUDGET_MB", 16, "integer", 1, 1_000_000)
+    debug_return_reset_token: bool = _setting("DEBUG_RETURN_RESET_TOKEN", False, "flag")
+    health_timeout: float = _setting("HEALTH_TIMEOUT", 2.0, "number", 0.1, 60)
+    client_timeout: float = _setting("CLIENT_TIMEOUT", 30.0, "number", 1, 3600)
+    header_timeout: float = _setting("HEADER_TIMEOUT", 10.0, "number", 0.5, 600)
+    body_timeout: float = _setting("BODY_TIMEOUT", 20.0, "number", 0.5, 600)
+    max_connections: int = _setting("MAX_CONNECTIONS", 0, "integer", 0, 1_000_000)
+    shutdown_grace: float = _setting("SHUTDOWN_GRACE_SECONDS", 10.0, "number", 0, 600)
+    log_level: str = _setting(
+        "LOG_LEVEL", "INFO", "choice", ("DEBUG", "INFO", "WARNING", "ERROR"), True
+    )
 
     @property
     def production(self) -> bool:
@@ -242,94 +271,28 @@ class Config:
         return cfg
 
     @classmethod
+    def _read_fields(cls, read: "_EnvReader") -> dict[str, Any]:
+        """Every field's value, read as its declaration says."""
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            meta = field.metadata
+            default = values[meta["fallback"]] if meta["fallback"] else field.default
+            values[field.name] = getattr(read, meta["kind"])(meta["env"], default, *meta["args"])
+        return values
+
+    @classmethod
+    def variable_names(cls) -> set[str]:
+        """Every environment variable the configuration reads."""
+        read = _EnvReader({})
+        cls._read_fields(read)
+        return read.read
+
+    @classmethod
     def examine_env(cls, environ: Mapping[str, str]) -> tuple["Config", list[str], list[str]]:
         """The configuration (defaults where a value is malformed), every malformed
         setting, and in production every unsafe one, each as 'cause (fix)'."""
         read = _EnvReader(environ)
-        cfg = cls(
-            env=read.choice("CLOUDCHAT_ENV", "development", ("development", "production")),
-            host=read.text("HOST", "127.0.0.1"),
-            port=read.integer("PORT", 5000, 0, 65535),
-            database_url=read.text("DATABASE_URL", ""),
-            db_path=read.text("CLOUDCHAT_DB_PATH", "cloudchat.db"),
-            db_pool_size=read.integer("DB_POOL_SIZE", 4, 1, 100),
-            db_timeout=read.number("DB_TIMEOUT", 3.0, 0.1, 120),
-            redis_url=_redis_url_from_env(read),
-            redis_timeout=read.number("REDIS_TIMEOUT", 1.0, 0.05, 60),
-            redis_pool_size=read.integer("REDIS_POOL_SIZE", 64, 1, 1000),
-            redis_key_prefix=read.text("REDIS_KEY_PREFIX", "cc:"),
-            auth_cookie_name=read.text("AUTH_COOKIE_NAME", "cc_auth"),
-            app_session_cookie_name=read.text("APP_SESSION_COOKIE_NAME", "cc_app"),
-            cookie_secure=read.flag("COOKIE_SECURE", False),
-            session_ttl=read.integer("SESSION_TTL_SECONDS", 604800, 60, 31536000),
-            session_cache_seconds=read.integer("SESSION_CACHE_SECONDS", 60, 1, 86400),
-            trusted_proxies=read.networks("TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES),
-            ipv6_prefix_length=read.integer("IPV6_PREFIX_LENGTH", 64, 32, 128),
-            secret_key=read.text("SECRET_KEY", ""),
-            max_body_bytes=read.integer("MAX_BODY_BYTES", 65536, 1024, 16 * 1024 * 1024),
-            argon2_time_cost=read.integer("ARGON2_TIME_COST", ARGON2_DEFAULT_TIME_COST, 1, 100),
-            argon2_memory_kib=read.integer(
-                "ARGON2_MEMORY_KIB", ARGON2_DEFAULT_MEMORY_KIB, 8, 4 * 1024 * 1024
-            ),
-            argon2_parallelism=read.integer(
-                "ARGON2_PARALLELISM", ARGON2_DEFAULT_PARALLELISM, 1, 64
-            ),
-            argon2_max_concurrency=read.integer("ARGON2_MAX_CONCURRENCY", 2, 1, 64),
-            argon2_max_queue=read.integer("ARGON2_MAX_QUEUE", 16, 0, 10_000),
-            password_require_mix=read.flag("PASSWORD_REQUIRE_MIX", False),
-            password_blocklist_file=read.text("PASSWORD_BLOCKLIST_FILE", ""),
-            rate_register_ip=read.rate("RATE_REGISTER_IP", RateLimit(10, 3600)),
-            rate_register_email=read.rate("RATE_REGISTER_EMAIL", RateLimit(3, 3600)),
-            rate_login_ip=read.rate("RATE_LOGIN_IP", RateLimit(10, 600)),
-            rate_login_identifier=read.rate("RATE_LOGIN_IDENTIFIER", RateLimit(10, 600)),
-            rate_forgot_ip=read.rate("RATE_FORGOT_IP", RateLimit(20, 3600)),
-            rate_forgot_identifier=read.rate("RATE_FORGOT_IDENTIFIER", RateLimit(5, 3600)),
-            site_name=read.text("SITE_NAME", "CloudChat"),
-            frontend_base_url=read.url("FRONTEND_BASE_URL", "http://localhost:5000"),
-            allowed_origins=read.origins("ALLOWED_ORIGINS"),
-            pwreset_token_ttl=read.integer("PWRESET_TOKEN_TTL", 900, 60, 86400),
-            pwreset_revoke_sessions=read.flag("PWRESET_REVOKE_SESSIONS", True),
-            smtp_host=read.text("SMTP_HOST", ""),
-            smtp_port=read.integer("SMTP_PORT", 587, 1, 65535),
-            smtp_user=read.text("SMTP_USER", ""),
-            smtp_pass=read.secret("SMTP_PASS"),
-            smtp_tls=read.flag("SMTP_TLS", True),
-            smtp_ca_file=read.text("SMTP_CA_FILE", ""),
-            smtp_timeout=read.number("SMTP_TIMEOUT", 10.0, 0.5, 300),
-            mail_from=read.text("MAIL_FROM", "no-reply@localhost"),
-            mail_sender_name=read.text("MAIL_SENDER_NAME", read.text("SITE_NAME", "CloudChat")),
-            mail_retries=read.integer("MAIL_RETRIES", 2, 0, 10),
-            chat_providers=_chat_providers_from_env(read),
-            chat_thinking=read.flag("CHAT_THINKING", False),
-            chat_connect_timeout=read.number("CHAT_CONNECT_TIMEOUT", 5.0, 0.1, 120),
-            chat_read_timeout=read.number("CHAT_READ_TIMEOUT", 60.0, 0.1, 3600),
-            chat_max_tokens=read.integer("CHAT_MAX_TOKENS", 1024, 1, 1_000_000),
-            chat_temperature=read.number("CHAT_TEMPERATURE", 0.7, 0, 2),
-            system_prompt=read.secret("SYSTEM_PROMPT").strip() or DEFAULT_SYSTEM_PROMPT,
-            max_history=read.integer("MAX_HISTORY", 6, 0, 100),
-            chat_max_chars=read.integer("CHAT_MAX_CHARS", 4000, 1, 1_000_000),
-            chat_max_reply_chars=read.integer("CHAT_MAX_REPLY_CHARS", 32000, 100, 10_000_000),
-            chat_busy_streams=read.integer("CHAT_BUSY_STREAMS", 100, 0, 1_000_000),
-            chat_history_ttl=read.integer("CHAT_HISTORY_TTL", 3600, 60, 30 * 86400),
-            chat_require_auth=read.flag("CHAT_REQUIRE_AUTH", False),
-            rate_chat_visitor=read.rate("RATE_CHAT_VISITOR", RateLimit(20, 60)),
-            rate_chat_ip=read.rate("RATE_CHAT_IP", RateLimit(60, 60)),
-            rate_visitor_ids_ip=read.rate("RATE_VISITOR_IDS_IP", RateLimit(60, 3600)),
-            chat_history_max_bytes=read.integer(
-                "CHAT_HISTORY_MAX_BYTES", 65536, 1024, 16 * 1024 * 1024
-            ),
-            chat_history_budget_mb=read.integer("CHAT_HISTORY_BUDGET_MB", 16, 1, 1_000_000),
-            debug_return_reset_token=read.flag("DEBUG_RETURN_RESET_TOKEN", False),
-            health_timeout=read.number("HEALTH_TIMEOUT", 2.0, 0.1, 60),
-            client_timeout=read.number("CLIENT_TIMEOUT", 30.0, 1, 3600),
-            header_timeout=read.number("HEADER_TIMEOUT", 10.0, 0.5, 600),
-            body_timeout=read.number("BODY_TIMEOUT", 20.0, 0.5, 600),
-            max_connections=read.integer("MAX_CONNECTIONS", 0, 0, 1_000_000),
-            shutdown_grace=read.number("SHUTDOWN_GRACE_SECONDS", 10.0, 0, 600),
-            log_level=read.choice(
-                "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True
-            ),
-        )
+        cfg = cls(**cls._read_fields(read))
         problems = read.problems + setting_problems(cfg)
         unsafe = []
         if cfg.production:
@@ -509,10 +472,58 @@ class _EnvReader:
         raw = self._raw(name)
         return default if raw is None else raw
 
-    def secret(self, name: str) -> str:
-        """The value exactly as given ('' if unset): passwords may end in a blank."""
+    def secret(self, name: str, default: str = "") -> str:
+        """The value exactly as given: passwords may end in a blank."""
         self.read.add(name)
-        return self._environ.get(name, "")
+        return self._environ.get(name, default)
+
+    def prompt(self, name: str, default: str) -> str:
+        """A text whose blank value means the default."""
+        return self.secret(name).strip() or default
+
+    def redis_url(self, name: str, default: str) -> str:
+        """REDIS_URL, or one built from REDIS_HOST/PORT/DB/PASSWORD; the default if neither."""
+        url = self.secret(name).strip()
+        if url:
+            return url
+        host = self.text("REDIS_HOST", "")
+        port = self.integer("REDIS_PORT", 6379, 1, 65535)
+        db = self.integer("REDIS_DB", 0, 0, 1_000_000)
+        password = self.secret("REDIS_PASSWORD")
+        if not host:
+            return default
+        auth = f":{urllib.parse.quote(password, safe='')}@" if password else ""
+        return f"redis://{auth}{host}:{port}/{db}"
+
+    def providers(self, name: str, default: tuple[ProviderConfig, ...]) -> tuple[Any, ...]:
+        """The model providers to try, in order: CHAT_PROVIDER (`name`), then CHAT_FALLBACK."""
+        configured = {}
+        for provider, (prefix, base_url, model) in PROVIDER_DEFAULTS.items():
+            configured[provider] = ProviderConfig(
+                name=provider,
+                base_url=self.url(f"{prefix}_BASE_URL", base_url),
+                model=self.text(f"{prefix}_MODEL", model),
+                api_key=self.secret(f"{prefix}_API_KEY").strip(),
+            )
+        with_keys = [p for p, config in configured.items() if config.api_key]
+        primary = self.choice(name, with_keys[0] if with_keys else "", tuple(configured))
+        fallback = self.text("CHAT_FALLBACK", "").split(",")
+        order: list[str] = []
+        for provider in [primary, *(f.strip().lower() for f in fallback)]:
+            if not provider:
+                continue
+            if provider not in configured:
+                self.problems.append(
+                    f"CHAT_FALLBACK names {provider!r} (use {', '.join(configured)})"
+                )
+            elif not configured[provider].api_key:
+                prefix = PROVIDER_DEFAULTS[provider][0]
+                self.problems.append(
+                    f"chat provider {provider} is chosen but {prefix}_API_KEY is unset (set it)"
+                )
+            elif provider not in order:
+                order.append(provider)
+        return tuple(configured[p] for p in order) or default
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...], upper: bool = False) -> str:
         raw = self._raw(name)
@@ -575,10 +586,13 @@ class _EnvReader:
             return self._fail(f"{name}={raw!r} is not LIMIT/SECONDS, e.g. 10/600", default)
         return RateLimit(int(match.group(1)), int(match.group(2)))
 
-    def origins(self, name: str) -> tuple[str, ...]:
+    def origins(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         """A comma-separated list of web origins (scheme://host[:port]), normalised."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
         found = []
-        for item in (self._raw(name) or "").split(","):
+        for item in raw.split(","):
             if item.strip():
                 origin = web_origin(item.strip())
                 if origin is None:
@@ -589,10 +603,11 @@ class _EnvReader:
                     found.append(origin)
         return tuple(found)
 
-    def networks(self, name: str, default: str) -> tuple[Any, ...]:
+    def networks(self, name: str, default: tuple[Any, ...]) -> tuple[Any, ...]:
         self.read.add(name)
         raw = self._environ.get(name)
-        raw = default if raw is None else raw
+        if raw is None:
+            return default
         networks = []
         for item in raw.split(","):
             if item.strip():
@@ -616,48 +631,6 @@ def web_origin(url: str) -> str | None:
     if port is None or port == {"http": 80, "https": 443}[parts.scheme]:
         return f"{parts.scheme}://{host}"
     return f"{parts.scheme}://{host}:{port}"
-
-
-def _chat_providers_from_env(read: _EnvReader) -> tuple[ProviderConfig, ...]:
-    """The providers to try, in order: CHAT_PROVIDER, then each of CHAT_FALLBACK."""
-    configured = {}
-    for name, (prefix, base_url, model) in PROVIDER_DEFAULTS.items():
-        configured[name] = ProviderConfig(
-            name=name,
-            base_url=read.url(f"{prefix}_BASE_URL", base_url),
-            model=read.text(f"{prefix}_MODEL", model),
-            api_key=read.secret(f"{prefix}_API_KEY").strip(),
-        )
-    with_keys = [name for name, provider in configured.items() if provider.api_key]
-    primary = read.choice("CHAT_PROVIDER", with_keys[0] if with_keys else "", tuple(configured))
-    fallback = [n.strip().lower() for n in read.text("CHAT_FALLBACK", "").split(",") if n.strip()]
-    order: list[str] = []
-    for name in ([primary] if primary else []) + fallback:
-        if name not in configured:
-            read.problems.append(f"CHAT_FALLBACK names {name!r} (use {', '.join(configured)})")
-        elif not configured[name].api_key:
-            prefix = PROVIDER_DEFAULTS[name][0]
-            read.problems.append(
-                f"chat provider {name} is chosen but {prefix}_API_KEY is unset (set it)"
-            )
-        elif name not in order:
-            order.append(name)
-    return tuple(configured[name] for name in order)
-
-
-def _redis_url_from_env(read: _EnvReader) -> str:
-    """REDIS_URL, or one built from the REDIS_HOST/PORT/DB/PASSWORD variables; '' if neither."""
-    url = read.secret("REDIS_URL").strip()
-    if url:
-        return url
-    host = read.text("REDIS_HOST", "")
-    if not host:
-        return ""
-    port = read.integer("REDIS_PORT", 6379, 1, 65535)
-    db = read.integer("REDIS_DB", 0, 0, 1_000_000)
-    password = read.secret("REDIS_PASSWORD")
-    auth = f":{urllib.parse.quote(password, safe='')}@" if password else ""
-    return f"redis://{auth}{host}:{port}/{db}"
 
 
 ###############################################################################

@@ -21,12 +21,18 @@ def _documented() -> dict[str, str]:
 
 
 def test_every_variable_read_is_documented() -> None:
-    source = (ROOT / "cloudchat.py").read_text(encoding="utf-8")
-    source = source[source.index("\n# Config\n") : source.index("\n# Errors\n")]
-    read = set(re.findall(r'(?:read\.\w+|environ\.get)\(\s*"([A-Z][A-Z0-9_]*)"', source))
+    read = cloudchat.Config.variable_names()
     assert len(read) > 30
     missing = sorted(read - set(_documented()))
     assert not missing, f"not in config.example.env: {missing}"
+    unknown = sorted(set(_documented()) - read)
+    assert not unknown, f"documented but never read: {unknown}"
+
+
+def test_the_dataclass_is_the_one_place_of_every_default() -> None:
+    """Issue 14: Config() and an empty environment agree (trusted proxies included)."""
+    assert cloudchat.Config() == cloudchat.Config.from_env({})
+    assert [str(n) for n in cloudchat.Config().trusted_proxies] == ["127.0.0.1/32", "::1/128"]
 
 
 def test_uncommented_values_are_the_defaults() -> None:
