@@ -860,7 +860,6 @@ class SqlTx:
 class SqlStore:
     """Single statements (autocommit) and explicit transactions over pooled connections."""
 
-    dialect = ""
     begin_statement = "BEGIN"
 
     def _lend(self) -> contextlib.AbstractContextManager[Any]:
@@ -930,8 +929,6 @@ class PostgresStore(SqlStore):
     Safe behind PgBouncer in transaction mode: no SET, no session state, no server-side
     prepared statements; a multi-statement unit is an explicit BEGIN ... COMMIT.
     """
-
-    dialect = "postgresql"
 
     def __init__(self, dsn: str, pool_size: int, timeout: float) -> None:
         self._dsn = dsn
@@ -1029,7 +1026,6 @@ def _socket_has_input(fileno: int) -> bool:
 class SqliteStore(SqlStore):
     """One SQLite connection in WAL mode, shared under a lock; the embedded default."""
 
-    dialect = "sqlite"
     begin_statement = "BEGIN IMMEDIATE"
 
     def __init__(self, path: str, timeout: float) -> None:
@@ -2371,22 +2367,15 @@ class MailDeliveryError(Exception):
         self.temporary = temporary
 
 
-class Mailer:
-    """Sends account mail off the request path, with a small bounded retry.
+class BackgroundJobs:
+    """Work done after the answer has gone (mail, a reset lookup whose timing must not
+    show): errors are logged, and wait() lets what is queued finish at shutdown."""
 
-    Without SMTP_HOST it writes each message to the log instead (development), with any
-    token in it redacted: DEBUG_RETURN_RESET_TOKEN=1 hands the token to the developer.
-    """
-
-    RETRY_DELAYS = (1.0, 3.0, 10.0)
-
-    def __init__(self, cfg: Config) -> None:
-        self._cfg = cfg
-        self._slots = threading.BoundedSemaphore(4)
+    def __init__(self) -> None:
         self._jobs: set[gevent.Greenlet] = set()
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run fn in the background; errors are logged; wait() lets it finish at shutdown."""
+        """Run fn(*args) in the background."""
         job = gevent.spawn(self._guarded, fn, *args)
         self._jobs.add(job)
         job.link(self._jobs.discard)
@@ -2400,9 +2389,29 @@ class Mailer:
         except Exception:
             log.exception("background job %s failed", fn.__name__)
 
+    def wait(self, timeout: float) -> None:
+        """Give queued jobs up to `timeout` seconds to finish (at shutdown)."""
+        if self._jobs:
+            gevent.joinall(list(self._jobs), timeout=timeout)
+
+
+class Mailer:
+    """Sends account mail off the request path, with a small bounded retry.
+
+    Without SMTP_HOST it writes each message to the log instead (development), with any
+    token in it redacted: DEBUG_RETURN_RESET_TOKEN=1 hands the token to the developer.
+    """
+
+    RETRY_DELAYS = (1.0, 3.0, 10.0)
+
+    def __init__(self, cfg: Config, jobs: BackgroundJobs) -> None:
+        self._cfg = cfg
+        self._slots = threading.BoundedSemaphore(4)
+        self._jobs = jobs
+
     def send(self, mail: Mail) -> None:
         """Queue a mail; the request goes on at once."""
-        self.spawn(self.deliver, mail)
+        self._jobs.spawn(self.deliver, mail)
 
     def deliver(self, mail: Mail) -> bool:
         """Deliver one mail now, retrying temporary failures; True once it was accepted."""
@@ -2476,11 +2485,6 @@ class Mailer:
         except (smtplib.SMTPException, OSError) as exc:
             raise MailDeliveryError(f"{type(exc).__name__}: {exc}", True) from exc
 
-    def wait(self, timeout: float) -> None:
-        """Give queued mail up to `timeout` seconds to go out (at shutdown)."""
-        if self._jobs:
-            gevent.joinall(list(self._jobs), timeout=timeout)
-
 
 ###############################################################################
 # Chat
@@ -2502,9 +2506,7 @@ class ProviderError(Exception):
         self, provider: str, kind: str, detail: str, retry_after: str | None = None
     ) -> None:
         super().__init__(f"{provider}: {detail}")
-        self.provider = provider
         self.kind = kind
-        self.detail = detail
         self.retry_after = retry_after
 
 
@@ -3074,6 +3076,217 @@ class HangupWatch:
             watcher.kill()
 
 
+@dataclasses.dataclass
+class Services:
+    """What the routes work with: configuration, stores, hasher, mailer, provider pool."""
+
+    cfg: Config
+    sql: SqlStore
+    kv: KeyValueStore
+    passwords: PasswordPolicy
+    hasher: PasswordHasher
+    jobs: BackgroundJobs
+    mailer: Mailer
+    upstream: UpstreamPool
+    open_streams: int = 0  # chat answers being relayed right now
+    live_streams: set[ChatStream] = dataclasses.field(default_factory=set)
+    stopping: bool = False  # SIGTERM: streams still running at the end of the grace get cut
+
+    def end_streams(self) -> None:
+        """The grace period is over: every provider stream in flight ends now, and its
+        visitor gets an {"error"} line instead of a connection cut without a word."""
+        self.stopping = True
+        for stream in list(self.live_streams):
+            stream.abort(by_server=True)
+
+    @functools.cached_property
+    def secret(self) -> bytes:
+        """The key that signs visitor ids and device cookies: SECRET_KEY, or in development
+        one kept in the database (read at first use, so a server starts while it is down)."""
+        return (self.cfg.secret_key or get_or_create_server_secret(self.sql, "cookies")).encode()
+
+    def close(self) -> None:
+        """Release the stores' and the providers' connections."""
+        self.upstream.close()
+        self.kv.close()
+        self.sql.close()
+
+
+CHAT_BUSY_FLUSH_SECONDS = 0.05  # 20 writes a second: still a smooth stream to read
+CHAT_FAILURES = {
+    "auth": (503, "chat_unavailable", "Chat is unavailable right now"),
+    "rate": (429, "provider_rate_limited", "The model provider is busy, try again shortly"),
+    "server": (502, "provider_error", "The model provider failed, try again"),
+    "network": (503, "provider_unreachable", "The model provider cannot be reached right now"),
+}
+
+
+def start_chat(
+    s: Services, messages: list[dict], watch: HangupWatch
+) -> tuple[ChatStream | None, Iterator[list[tuple[str, Any]]], list[tuple[str, Any]]]:
+    """Open a stream with the first provider that gets as far as a first token.
+
+    Returns the stream (None for the echo provider), its remaining events and the events
+    already read. Providers are tried in order until one delivers; then no other is tried.
+    VisitorLeft when the visitor hangs up first.
+    """
+    if not s.cfg.chat_providers:
+        return None, echo_events(messages[-1]["content"]), []
+    failure: ProviderError | None = None
+    for provider in s.cfg.chat_providers:
+        stream = None
+        try:
+            stream = open_chat_stream(s.cfg, provider, s.upstream, messages)
+            s.live_streams.add(stream)
+            watch.attach(stream)
+            batches = stream.events()
+            first: list[tuple[str, Any]] = []
+            for batch in batches:
+                first.extend(batch)
+                if any(kind != "usage" for kind, _ in batch):
+                    break
+            else:
+                raise ProviderError(provider.name, "server", "the answer ended without any text")
+            return stream, batches, first
+        except ProviderError as exc:
+            if stream is not None:
+                s.live_streams.discard(stream)
+                stream.close()
+            if watch.left:
+                raise VisitorLeft() from None
+            if s.stopping:
+                raise ApiError(
+                    503, "unavailable", "The server is restarting, try again", {"Retry-After": "1"}
+                ) from None
+            log.warning("chat provider failed before the first token: %s", exc)
+            failure = exc
+    assert failure is not None
+    status, code, message = CHAT_FAILURES[failure.kind]
+    retry = failure.retry_after if failure.kind == "rate" else None
+    headers = {"Retry-After": retry} if retry and retry.isdigit() else {}
+    raise ApiError(status, code, message, headers)
+
+
+def relay_chat(
+    s: Services,
+    stream: ChatStream | None,
+    batches: Iterator[list[tuple[str, Any]]],
+    first: list[tuple[str, Any]],
+    owner: str | None,
+    history: list[dict[str, str]],
+    question: str,
+    watch: HangupWatch,
+) -> Iterator[bytes]:
+    """The visitor's NDJSON stream; the round joins the owner's history (none: a visitor
+    over its address's limit of new ids, who keeps nothing) once it is complete.
+
+    Lines go out as tokens arrive. With more than CHAT_BUSY_STREAMS answers streaming at
+    once, a stream writes at most every CHAT_BUSY_FLUSH_SECONDS, several tokens a write:
+    the loop is then late for every stream anyway, and each write it spares is a system
+    call and a wake-up it can spend on setting up the streams still waiting for a token.
+    """
+    reply: list[str] = []
+    relayed = {"text": 0, "reasoning": 0}  # characters, each bounded by CHAT_MAX_REPLY_CHARS
+    usage = None
+    s.open_streams += 1
+    try:
+        for batch in itertools.chain([first], batches):
+            lines = []
+            for kind, value in batch:
+                if kind == "usage":
+                    usage = value
+                    continue
+                relayed[kind] += len(value)
+                if relayed[kind] > s.cfg.chat_max_reply_chars:
+                    # A reply that never ends would grow without bound here and in history.
+                    log.warning("chat reply over CHAT_MAX_REPLY_CHARS: cut off, not kept")
+                    lines.append(_json_bytes({"error": "The answer was too long and was cut off"}))
+                    yield b"".join(lines) + b"\n"
+                    return
+                if kind == "text":
+                    reply.append(value)
+                lines.append(_json_bytes({kind: value}) + b"\n")
+            if lines:
+                yield b"".join(lines)
+                if s.open_streams > s.cfg.chat_busy_streams:
+                    gevent.sleep(CHAT_BUSY_FLUSH_SECONDS)
+        answer = "".join(reply)
+        if answer and owner is not None:
+            try:
+                save_round(s.kv, s.cfg, owner, history, question, answer)
+            except StoreUnavailable as exc:
+                outage_log.warning("chat round not saved", exc)
+        yield _json_bytes({"done": True, "usage": usage} if usage else {"done": True}) + b"\n"
+    except ProviderError as exc:
+        if stream is not None and stream.ended_by_server:
+            log.warning("chat cut off at shutdown: the grace period ended mid-answer")
+            yield _json_bytes({"error": "The server is restarting, please ask again"}) + b"\n"
+            return
+        if stream is not None and stream.aborted:
+            log.info("visitor left mid-answer: provider connection closed, reply dropped")
+            return
+        log.warning("chat failed mid-answer: %s", exc)
+        yield _json_bytes({"error": "The model provider failed mid-answer, please try again"})
+        yield b"\n"
+    finally:
+        s.open_streams -= 1
+        watch.stop()
+        if stream is not None:
+            s.live_streams.discard(stream)
+            stream.close()
+
+
+class HealthCheck:
+    """Pings Redis and the database; callers arriving while a check runs share its answer."""
+
+    def __init__(self, s: Services) -> None:
+        self._s = s
+        self._running: gevent.event.AsyncResult | None = None
+
+    def __call__(self) -> dict[str, bool]:
+        """{"redis": bool, "db": bool}, within HEALTH_TIMEOUT."""
+        if self._running is not None:
+            # A burst of probes (load balancers, monitors) costs one round trip each way.
+            return self._running.get()
+        self._running = running = gevent.event.AsyncResult()
+        try:
+            result = self._check()
+            running.set(result)
+            return result
+        except BaseException as exc:
+            running.set_exception(exc)
+            raise
+        finally:
+            self._running = None
+
+    def _check(self) -> dict[str, bool]:
+        s, timeout = self._s, self._s.cfg.health_timeout
+        if isinstance(s.kv, MemoryStore) and isinstance(s.sql, SqliteStore):
+            # Nothing here waits on a network: no greenlets needed.
+            return {"redis": _probe("redis", s.kv.ping), "db": _probe("db", s.sql.ping)}
+        jobs = {
+            "redis": gevent.spawn(_probe, "redis", s.kv.ping),
+            "db": gevent.spawn(_probe, "db", s.sql.ping),
+        }
+        gevent.joinall(list(jobs.values()), timeout=timeout)
+        result = {}
+        for name, job in jobs.items():
+            if not job.ready():
+                log.warning("health check: %s gave no answer within %g s", name, timeout)
+                job.kill(block=False)
+            result[name] = bool(job.ready() and job.successful() and job.value)
+        return result
+
+
+def _probe(name: str, ping: Callable[[], None]) -> bool:
+    try:
+        ping()
+        return True
+    except Exception as exc:
+        outage_log.warning(f"health check: {name} down", exc)
+        return False
+
+
 ###############################################################################
 # App: request plumbing, error envelope, routes
 ###############################################################################
@@ -3210,41 +3423,6 @@ def str_field(body: Mapping[str, Any], name: str) -> str | None:
         # JSON can spell lone surrogates (\ud800) that no database column can store.
         raise ApiError(400, "invalid_input", f"Field '{name}' is not valid Unicode") from None
     return value
-
-
-@dataclasses.dataclass
-class Services:
-    """What the routes work with: configuration, stores, hasher, mailer, provider pool."""
-
-    cfg: Config
-    sql: SqlStore
-    kv: KeyValueStore
-    passwords: PasswordPolicy
-    hasher: PasswordHasher
-    mailer: Mailer
-    upstream: UpstreamPool
-    open_streams: int = 0  # chat answers being relayed right now
-    live_streams: set[ChatStream] = dataclasses.field(default_factory=set)
-    stopping: bool = False  # SIGTERM: streams still running at the end of the grace get cut
-
-    def end_streams(self) -> None:
-        """The grace period is over: every provider stream in flight ends now, and its
-        visitor gets an {"error"} line instead of a connection cut without a word."""
-        self.stopping = True
-        for stream in list(self.live_streams):
-            stream.abort(by_server=True)
-
-    @functools.cached_property
-    def secret(self) -> bytes:
-        """The key that signs visitor ids and device cookies: SECRET_KEY, or in development
-        one kept in the database (read at first use, so a server starts while it is down)."""
-        return (self.cfg.secret_key or get_or_create_server_secret(self.sql, "cookies")).encode()
-
-    def close(self) -> None:
-        """Release the stores' and the providers' connections."""
-        self.upstream.close()
-        self.kv.close()
-        self.sql.close()
 
 
 def _request_id_from(incoming: str) -> str:
@@ -3385,17 +3563,17 @@ class _LoggedBody:
             self._on_close()
 
 
-def create_app(
-    cfg: Config, sql: SqlStore | None = None, kv: KeyValueStore | None = None
-) -> CloudChatApp:
+def create_app(cfg: Config) -> CloudChatApp:
     """Build the WSGI application for a configuration (the app factory)."""
+    jobs = BackgroundJobs()
     services = Services(
         cfg=cfg,
-        sql=sql or open_sql_store(cfg),
-        kv=kv or open_kv_store(cfg),
+        sql=open_sql_store(cfg),
+        kv=open_kv_store(cfg),
         passwords=PasswordPolicy(cfg),
         hasher=PasswordHasher(cfg),
-        mailer=Mailer(cfg),
+        jobs=jobs,
+        mailer=Mailer(cfg, jobs),
         upstream=UpstreamPool(cfg.chat_connect_timeout, cfg.chat_read_timeout),
     )
     router = bottle.Bottle()
@@ -3520,7 +3698,7 @@ INVALID_CREDENTIALS = ("invalid_credentials", "Invalid credentials")
 
 
 def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
-    """POST /auth/register, /auth/login, /auth/logout; GET /auth/me, /auth/healthz."""
+    """POST /auth/register, /auth/login, /auth/logout; GET /auth/me."""
     cfg = s.cfg
 
     @router.post("/auth/register")
@@ -3625,66 +3803,6 @@ def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
     def me(user: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "user": user}
 
-    check_health = HealthCheck(s)
-
-    @router.get("/auth/healthz")
-    def healthz() -> dict[str, Any]:
-        checks = check_health()
-        ok = all(checks.values())
-        bottle.response.status = 200 if ok else 503
-        return {"ok": ok, **checks}
-
-
-class HealthCheck:
-    """Pings Redis and the database; callers arriving while a check runs share its answer."""
-
-    def __init__(self, s: Services) -> None:
-        self._s = s
-        self._running: gevent.event.AsyncResult | None = None
-
-    def __call__(self) -> dict[str, bool]:
-        """{"redis": bool, "db": bool}, within HEALTH_TIMEOUT."""
-        if self._running is not None:
-            # A burst of probes (load balancers, monitors) costs one round trip each way.
-            return self._running.get()
-        self._running = running = gevent.event.AsyncResult()
-        try:
-            result = self._check()
-            running.set(result)
-            return result
-        except BaseException as exc:
-            running.set_exception(exc)
-            raise
-        finally:
-            self._running = None
-
-    def _check(self) -> dict[str, bool]:
-        s, timeout = self._s, self._s.cfg.health_timeout
-        if isinstance(s.kv, MemoryStore) and isinstance(s.sql, SqliteStore):
-            # Nothing here waits on a network: no greenlets needed.
-            return {"redis": _probe("redis", s.kv.ping), "db": _probe("db", s.sql.ping)}
-        jobs = {
-            "redis": gevent.spawn(_probe, "redis", s.kv.ping),
-            "db": gevent.spawn(_probe, "db", s.sql.ping),
-        }
-        gevent.joinall(list(jobs.values()), timeout=timeout)
-        result = {}
-        for name, job in jobs.items():
-            if not job.ready():
-                log.warning("health check: %s gave no answer within %g s", name, timeout)
-                job.kill(block=False)
-            result[name] = bool(job.ready() and job.successful() and job.value)
-        return result
-
-
-def _probe(name: str, ping: Callable[[], None]) -> bool:
-    try:
-        ping()
-        return True
-    except Exception as exc:
-        outage_log.warning(f"health check: {name} down", exc)
-        return False
-
 
 def issue_password_reset(s: Services, email: str | None, phone: str | None) -> str | None:
     """Store a reset token for the account and mail its link, within the account's limit
@@ -3728,7 +3846,7 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
         elif email or phone:
             # Looked up after the answer is sent: its timing cannot tell whether the
             # account exists.
-            s.mailer.spawn(issue_password_reset, s, email, phone)
+            s.jobs.spawn(issue_password_reset, s, email, phone)
         return answer
 
     @router.post("/auth/password/reset")
@@ -3788,130 +3906,6 @@ def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
         revoked = revoke_user_sessions(s.sql, s.kv, cfg, user["id"], keep_token=auth_token(cfg))
         s.mailer.send(password_changed_mail(cfg, user["email"]))
         return {"ok": True, "revoked_sessions": revoked}
-
-
-CHAT_BUSY_FLUSH_SECONDS = 0.05  # 20 writes a second: still a smooth stream to read
-CHAT_FAILURES = {
-    "auth": (503, "chat_unavailable", "Chat is unavailable right now"),
-    "rate": (429, "provider_rate_limited", "The model provider is busy, try again shortly"),
-    "server": (502, "provider_error", "The model provider failed, try again"),
-    "network": (503, "provider_unreachable", "The model provider cannot be reached right now"),
-}
-
-
-def start_chat(
-    s: Services, messages: list[dict], watch: HangupWatch
-) -> tuple[ChatStream | None, Iterator[list[tuple[str, Any]]], list[tuple[str, Any]]]:
-    """Open a stream with the first provider that gets as far as a first token.
-
-    Returns the stream (None for the echo provider), its remaining events and the events
-    already read. Providers are tried in order until one delivers; then no other is tried.
-    VisitorLeft when the visitor hangs up first.
-    """
-    if not s.cfg.chat_providers:
-        return None, echo_events(messages[-1]["content"]), []
-    failure: ProviderError | None = None
-    for provider in s.cfg.chat_providers:
-        stream = None
-        try:
-            stream = open_chat_stream(s.cfg, provider, s.upstream, messages)
-            s.live_streams.add(stream)
-            watch.attach(stream)
-            batches = stream.events()
-            first: list[tuple[str, Any]] = []
-            for batch in batches:
-                first.extend(batch)
-                if any(kind != "usage" for kind, _ in batch):
-                    break
-            else:
-                raise ProviderError(provider.name, "server", "the answer ended without any text")
-            return stream, batches, first
-        except ProviderError as exc:
-            if stream is not None:
-                s.live_streams.discard(stream)
-                stream.close()
-            if watch.left:
-                raise VisitorLeft() from None
-            if s.stopping:
-                raise ApiError(
-                    503, "unavailable", "The server is restarting, try again", {"Retry-After": "1"}
-                ) from None
-            log.warning("chat provider failed before the first token: %s", exc)
-            failure = exc
-    assert failure is not None
-    status, code, message = CHAT_FAILURES[failure.kind]
-    retry = failure.retry_after if failure.kind == "rate" else None
-    headers = {"Retry-After": retry} if retry and retry.isdigit() else {}
-    raise ApiError(status, code, message, headers)
-
-
-def relay_chat(
-    s: Services,
-    stream: ChatStream | None,
-    batches: Iterator[list[tuple[str, Any]]],
-    first: list[tuple[str, Any]],
-    owner: str | None,
-    history: list[dict[str, str]],
-    question: str,
-    watch: HangupWatch,
-) -> Iterator[bytes]:
-    """The visitor's NDJSON stream; the round joins the owner's history (none: a visitor
-    over its address's limit of new ids, who keeps nothing) once it is complete.
-
-    Lines go out as tokens arrive. With more than CHAT_BUSY_STREAMS answers streaming at
-    once, a stream writes at most every CHAT_BUSY_FLUSH_SECONDS, several tokens a write:
-    the loop is then late for every stream anyway, and each write it spares is a system
-    call and a wake-up it can spend on setting up the streams still waiting for a token.
-    """
-    reply: list[str] = []
-    relayed = {"text": 0, "reasoning": 0}  # characters, each bounded by CHAT_MAX_REPLY_CHARS
-    usage = None
-    s.open_streams += 1
-    try:
-        for batch in itertools.chain([first], batches):
-            lines = []
-            for kind, value in batch:
-                if kind == "usage":
-                    usage = value
-                    continue
-                relayed[kind] += len(value)
-                if relayed[kind] > s.cfg.chat_max_reply_chars:
-                    # A reply that never ends would grow without bound here and in history.
-                    log.warning("chat reply over CHAT_MAX_REPLY_CHARS: cut off, not kept")
-                    lines.append(_json_bytes({"error": "The answer was too long and was cut off"}))
-                    yield b"".join(lines) + b"\n"
-                    return
-                if kind == "text":
-                    reply.append(value)
-                lines.append(_json_bytes({kind: value}) + b"\n")
-            if lines:
-                yield b"".join(lines)
-                if s.open_streams > s.cfg.chat_busy_streams:
-                    gevent.sleep(CHAT_BUSY_FLUSH_SECONDS)
-        answer = "".join(reply)
-        if answer and owner is not None:
-            try:
-                save_round(s.kv, s.cfg, owner, history, question, answer)
-            except StoreUnavailable as exc:
-                outage_log.warning("chat round not saved", exc)
-        yield _json_bytes({"done": True, "usage": usage} if usage else {"done": True}) + b"\n"
-    except ProviderError as exc:
-        if stream is not None and stream.ended_by_server:
-            log.warning("chat cut off at shutdown: the grace period ended mid-answer")
-            yield _json_bytes({"error": "The server is restarting, please ask again"}) + b"\n"
-            return
-        if stream is not None and stream.aborted:
-            log.info("visitor left mid-answer: provider connection closed, reply dropped")
-            return
-        log.warning("chat failed mid-answer: %s", exc)
-        yield _json_bytes({"error": "The model provider failed mid-answer, please try again"})
-        yield b"\n"
-    finally:
-        s.open_streams -= 1
-        watch.stop()
-        if stream is not None:
-            s.live_streams.discard(stream)
-            stream.close()
 
 
 def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
@@ -3989,7 +3983,15 @@ def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
 
 
 def _add_misc_routes(router: bottle.Bottle, s: Services) -> None:
-    """GET /test."""
+    """GET /auth/healthz, /test."""
+    check_health = HealthCheck(s)
+
+    @router.get("/auth/healthz")
+    def healthz() -> dict[str, Any]:
+        checks = check_health()
+        ok = all(checks.values())
+        bottle.response.status = 200 if ok else 503
+        return {"ok": ok, **checks}
 
     @router.get("/test")
     def test() -> dict[str, Any]:
@@ -4033,7 +4035,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
 
 
 ###############################################################################
-# main()
+# Server: reading requests strictly, the handler, the connection cap, process tuning
 ###############################################################################
 
 
@@ -4348,6 +4350,10 @@ def return_large_blocks_to_os() -> None:
         log.debug("not glibc: mmap threshold left as it is")
 
 
+###############################################################################
+# main() and the command line
+###############################################################################
+
 SHUTDOWN_STREAM_MARGIN = 1.0  # seconds of the grace left to write the streams' error lines
 
 
@@ -4411,7 +4417,7 @@ def serve(cfg: Config) -> int:
     server.serve_forever()
     # Queued mail shares the one grace period with the requests in flight.
     spent = time.monotonic() - stopping_since[0] if stopping_since else 0.0
-    application.services.mailer.wait(max(0.5, cfg.shutdown_grace - spent))
+    application.services.jobs.wait(max(0.5, cfg.shutdown_grace - spent))
     application.close()
     log.info("stopped")
     return 0
