@@ -64,7 +64,7 @@ import urllib.parse
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import argon2
 import bottle
@@ -2053,8 +2053,13 @@ def device_nonce(secret: bytes, value: str | None, user_id: int) -> str | None:
     return None
 
 
-# One rate-limited attempt: (rule, action, whose: an address, an email, a visitor id).
-LimitCheck = tuple[RateLimit, str, str]
+class LimitCheck(NamedTuple):
+    """One rate-limited attempt: the rule, the action counted, and whose attempt it is (an
+    address, an account, a visitor id, a device): the key is a hash of action and whose."""
+
+    rule: RateLimit
+    action: str
+    whose: str
 
 
 def rate_limit_windows(checks: Sequence[LimitCheck]) -> list[tuple[str, int, int]]:
@@ -3076,6 +3081,59 @@ class HangupWatch:
             watcher.kill()
 
 
+class HealthCheck:
+    """Pings Redis and the database; callers arriving while a check runs share its answer."""
+
+    def __init__(self, sql: SqlStore, kv: KeyValueStore, timeout: float) -> None:
+        self._sql = sql
+        self._kv = kv
+        self._timeout = timeout
+        self._running: gevent.event.AsyncResult | None = None
+
+    def __call__(self) -> dict[str, bool]:
+        """{"redis": bool, "db": bool}, within HEALTH_TIMEOUT."""
+        if self._running is not None:
+            # A burst of probes (load balancers, monitors) costs one round trip each way.
+            return self._running.get()
+        self._running = running = gevent.event.AsyncResult()
+        try:
+            result = self._check()
+            running.set(result)
+            return result
+        except BaseException as exc:
+            running.set_exception(exc)
+            raise
+        finally:
+            self._running = None
+
+    def _check(self) -> dict[str, bool]:
+        kv, sql, timeout = self._kv, self._sql, self._timeout
+        if isinstance(kv, MemoryStore) and isinstance(sql, SqliteStore):
+            # Nothing here waits on a network: no greenlets needed.
+            return {"redis": _probe("redis", kv.ping), "db": _probe("db", sql.ping)}
+        jobs = {
+            "redis": gevent.spawn(_probe, "redis", kv.ping),
+            "db": gevent.spawn(_probe, "db", sql.ping),
+        }
+        gevent.joinall(list(jobs.values()), timeout=timeout)
+        result = {}
+        for name, job in jobs.items():
+            if not job.ready():
+                log.warning("health check: %s gave no answer within %g s", name, timeout)
+                job.kill(block=False)
+            result[name] = bool(job.ready() and job.successful() and job.value)
+        return result
+
+
+def _probe(name: str, ping: Callable[[], None]) -> bool:
+    try:
+        ping()
+        return True
+    except Exception as exc:
+        outage_log.warning(f"health check: {name} down", exc)
+        return False
+
+
 @dataclasses.dataclass
 class Services:
     """What the routes work with: configuration, stores, hasher, mailer, provider pool."""
@@ -3083,6 +3141,7 @@ class Services:
     cfg: Config
     sql: SqlStore
     kv: KeyValueStore
+    health: HealthCheck
     passwords: PasswordPolicy
     hasher: PasswordHasher
     jobs: BackgroundJobs
@@ -3234,57 +3293,6 @@ def relay_chat(
         if stream is not None:
             s.live_streams.discard(stream)
             stream.close()
-
-
-class HealthCheck:
-    """Pings Redis and the database; callers arriving while a check runs share its answer."""
-
-    def __init__(self, s: Services) -> None:
-        self._s = s
-        self._running: gevent.event.AsyncResult | None = None
-
-    def __call__(self) -> dict[str, bool]:
-        """{"redis": bool, "db": bool}, within HEALTH_TIMEOUT."""
-        if self._running is not None:
-            # A burst of probes (load balancers, monitors) costs one round trip each way.
-            return self._running.get()
-        self._running = running = gevent.event.AsyncResult()
-        try:
-            result = self._check()
-            running.set(result)
-            return result
-        except BaseException as exc:
-            running.set_exception(exc)
-            raise
-        finally:
-            self._running = None
-
-    def _check(self) -> dict[str, bool]:
-        s, timeout = self._s, self._s.cfg.health_timeout
-        if isinstance(s.kv, MemoryStore) and isinstance(s.sql, SqliteStore):
-            # Nothing here waits on a network: no greenlets needed.
-            return {"redis": _probe("redis", s.kv.ping), "db": _probe("db", s.sql.ping)}
-        jobs = {
-            "redis": gevent.spawn(_probe, "redis", s.kv.ping),
-            "db": gevent.spawn(_probe, "db", s.sql.ping),
-        }
-        gevent.joinall(list(jobs.values()), timeout=timeout)
-        result = {}
-        for name, job in jobs.items():
-            if not job.ready():
-                log.warning("health check: %s gave no answer within %g s", name, timeout)
-                job.kill(block=False)
-            result[name] = bool(job.ready() and job.successful() and job.value)
-        return result
-
-
-def _probe(name: str, ping: Callable[[], None]) -> bool:
-    try:
-        ping()
-        return True
-    except Exception as exc:
-        outage_log.warning(f"health check: {name} down", exc)
-        return False
 
 
 ###############################################################################
@@ -3563,30 +3571,6 @@ class _LoggedBody:
             self._on_close()
 
 
-def create_app(cfg: Config) -> CloudChatApp:
-    """Build the WSGI application for a configuration (the app factory)."""
-    jobs = BackgroundJobs()
-    services = Services(
-        cfg=cfg,
-        sql=open_sql_store(cfg),
-        kv=open_kv_store(cfg),
-        passwords=PasswordPolicy(cfg),
-        hasher=PasswordHasher(cfg),
-        jobs=jobs,
-        mailer=Mailer(cfg, jobs),
-        upstream=UpstreamPool(cfg.chat_connect_timeout, cfg.chat_read_timeout),
-    )
-    router = bottle.Bottle()
-    router.uninstall("json")  # api_route serialises; one JSON shape everywhere
-    router.default_error_handler = _bottle_error
-    router.install(api_route)
-    _add_account_routes(router, services)
-    _add_password_routes(router, services)
-    _add_chat_routes(router, services)
-    _add_misc_routes(router, services)
-    return CloudChatApp(services, router)
-
-
 def _set_auth_cookie(cfg: Config, value: str, max_age: int) -> None:
     """Set (or, with max_age 0, expire) the login cookie."""
     set_cookie(cfg, cfg.auth_cookie_name, value, max_age)
@@ -3629,22 +3613,6 @@ def current_user(s: Services) -> dict[str, Any] | None:
     return get_session_user(s.sql, s.kv, s.cfg, token) if token else None
 
 
-def login_required(s: Services) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Route decorator: 401 without a live session, else the user is the first argument."""
-
-    def decorator(callback: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(callback)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            user = current_user(s)
-            if user is None:
-                raise ApiError(401, "unauthorized", "Unauthorized")
-            return callback(user, *args, **kwargs)
-
-        return wrapper
-
-    return decorator
-
-
 def rate_limited(retry_after: int) -> ApiError:
     """The 429 answer to an attempt over a rate limit."""
     return ApiError(
@@ -3677,7 +3645,7 @@ DEVICE_COOKIE_NAME = "cc_device"
 DEVICE_COOKIE_SECONDS = 180 * 86400
 
 
-def over_login_limits(s: Services, account_id: int | None, device: str | None = None) -> bool:
+def over_login_limits(s: Services, account_id: int | None, device: str | None = None) -> int | None:
     """Count a password attempt against the login limits: the client's address, and the
     account (email and phone alike), or, for a browser holding a device cookie of that
     account, that browser alone, so that other addresses' failures cannot lock it out.
@@ -3686,122 +3654,17 @@ def over_login_limits(s: Services, account_id: int | None, device: str | None = 
     a counter per name tried would let anyone fill Redis with them.
     """
     rule = s.cfg.rate_login_identifier
-    checks: list[LimitCheck] = [(s.cfg.rate_login_ip, "login_ip", client_address_key(s.cfg))]
+    checks: list[LimitCheck] = [
+        LimitCheck(s.cfg.rate_login_ip, "login_ip", client_address_key(s.cfg))
+    ]
     if device:
-        checks.append((rule, "login_device", device))
+        checks.append(LimitCheck(rule, "login_device", device))
     elif account_id is not None:
-        checks.append((rule, "login_id", f"user:{account_id}"))
-    return over_rate_limits(s.kv, checks) is not None
+        checks.append(LimitCheck(rule, "login_id", f"user:{account_id}"))
+    return over_rate_limits(s.kv, checks)
 
 
 INVALID_CREDENTIALS = ("invalid_credentials", "Invalid credentials")
-
-
-def _add_account_routes(router: bottle.Bottle, s: Services) -> None:
-    """POST /auth/register, /auth/login, /auth/logout; GET /auth/me."""
-    cfg = s.cfg
-
-    @router.post("/auth/register")
-    def register() -> dict[str, Any]:
-        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
-        email = normalize_email(str_field(body, "email"))
-        password = str_field(body, "password")
-        phone_raw = (str_field(body, "phone") or "").strip()
-        phone = normalize_phone(phone_raw) if phone_raw else None
-        display_name = (str_field(body, "display_name") or "").strip() or None
-        if email is None:
-            raise ApiError(400, "invalid_email", "A valid email address is required")
-        problem = s.passwords.problem(password or "", email)
-        if problem:
-            raise ApiError(400, "weak_password", problem)
-        if phone_raw and phone is None:
-            raise ApiError(400, "invalid_phone", "Phone must be digits with an optional leading +")
-        if display_name and (
-            len(display_name) > DISPLAY_NAME_MAX or not display_name.isprintable()
-        ):
-            raise ApiError(
-                400, "invalid_input", f"Display name must be at most {DISPLAY_NAME_MAX} characters"
-            )
-        enforce_rate_limits(
-            s.kv,
-            [
-                (cfg.rate_register_ip, "register_ip", client_address_key(cfg)),
-                (cfg.rate_register_email, "register_email", email),
-            ],
-        )
-        password_hash = s.hasher.hash(password)
-        try:
-            insert_user(s.sql, email, phone, display_name, password_hash)
-        except DuplicateError as exc:
-            # The constraints decide uniqueness: a check-then-insert would race.
-            if "phone" in exc.constraint:
-                raise ApiError(409, "phone_taken", "Phone number already registered") from None
-            raise ApiError(409, "email_taken", "Email already registered") from None
-        s.mailer.send(welcome_mail(cfg, email))
-        bottle.response.status = 201
-        return {"ok": True}
-
-    @router.post("/auth/login")
-    def login() -> dict[str, Any]:
-        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
-        identifier = (str_field(body, "identifier") or "").strip()
-        password = str_field(body, "password") or ""
-        if not identifier or not password:
-            raise ApiError(400, "invalid_input", "Identifier and password are required")
-        email, phone = parse_identifier(identifier)
-        # The account is looked up first, so that its limit counts the account (email and
-        # phone alike); every path below costs one password check, so neither the answer
-        # nor its timing tells an unknown account, a wrong password or a limit apart.
-        found = get_password_login(s.sql, email, phone) if (email or phone) else None
-        account_id = found[0]["id"] if found else None
-        device = (
-            device_nonce(s.secret, read_cookie(DEVICE_COOKIE_NAME), account_id)
-            if account_id is not None
-            else None
-        )
-        if over_login_limits(s, account_id, device) or found is None:
-            s.hasher.spend_one_verification(password)
-            raise ApiError(401, *INVALID_CREDENTIALS)
-        user, password_hash = found
-        if not s.hasher.verify(password_hash, password) or not user["is_active"]:
-            raise ApiError(401, *INVALID_CREDENTIALS)
-        if s.hasher.needs_rehash(password_hash):
-            update_password_hash(s.sql, user["id"], s.hasher.hash(password))
-        previous = auth_token(cfg)
-        if previous:
-            # Never keep a session id from before the login (fixation): end it.
-            revoke_session(s.sql, s.kv, cfg, previous)
-        user_agent = bottle.request.environ.get("HTTP_USER_AGENT", "")
-        ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
-        token = create_session(s.sql, s.kv, cfg, user, user_agent, ip)
-        _set_auth_cookie(cfg, token, cfg.session_ttl)
-        if device is None:
-            set_cookie(
-                cfg,
-                DEVICE_COOKIE_NAME,
-                new_device_cookie(s.secret, user["id"]),
-                DEVICE_COOKIE_SECONDS,
-            )
-        # The account's history from now on; the next person on this browser starts afresh.
-        set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
-        return {"ok": True}
-
-    @router.post("/auth/logout")
-    def logout() -> dict[str, Any]:
-        # Read, though it may be empty: a text/plain or form body (which any page may send
-        # without a preflight) is a 415, not a logout.
-        read_json_object(cfg.max_body_bytes, cfg.body_timeout)
-        token = auth_token(cfg)
-        if token:
-            revoke_session(s.sql, s.kv, cfg, token)
-        _set_auth_cookie(cfg, "", 0)
-        set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
-        return {"ok": True}
-
-    @router.get("/auth/me")
-    @login_required(s)
-    def me(user: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "user": user}
 
 
 def issue_password_reset(s: Services, email: str | None, phone: str | None) -> str | None:
@@ -3814,7 +3677,8 @@ def issue_password_reset(s: Services, email: str | None, phone: str | None) -> s
     user = found[0]
     # Counted only for an account that exists: a counter per unknown address named would
     # let anyone fill Redis, and the answer (always 200) is the same either way.
-    if over_rate_limits(s.kv, [(s.cfg.rate_forgot_identifier, "forgot_id", f"user:{user['id']}")]):
+    account = LimitCheck(s.cfg.rate_forgot_identifier, "forgot_id", f"user:{user['id']}")
+    if over_rate_limits(s.kv, [account]) is not None:
         log.info("password reset: over the rate limit of the account, nothing sent")
         return None
     token = new_token()
@@ -3824,178 +3688,366 @@ def issue_password_reset(s: Services, email: str | None, phone: str | None) -> s
     return token
 
 
-def _add_password_routes(router: bottle.Bottle, s: Services) -> None:
-    """POST /auth/password/forgot, /auth/password/reset, /auth/password/change."""
+def request_visitor_id(s: Services) -> str | None:
+    """The request's visitor id, if this server issued it (and it is not too old)."""
+    raw = read_cookie(s.cfg.app_session_cookie_name) or ""
+    return raw if visitor_id_is_valid(s.secret, raw, s.cfg.session_ttl) else None
+
+
+# -- handlers: accounts ------------------------------------------------------------------
+
+
+def register(s: Services) -> dict[str, Any]:
+    """POST /auth/register: a new account; 201."""
     cfg = s.cfg
-
-    @router.post("/auth/password/forgot")
-    def forgot() -> dict[str, Any]:
-        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
-        identifier = (str_field(body, "identifier") or str_field(body, "email") or "").strip()
-        if not identifier:
-            raise ApiError(400, "invalid_input", "Identifier is required")
-        email, phone = parse_identifier(identifier)
-        over = over_rate_limits(s.kv, [(cfg.rate_forgot_ip, "forgot_ip", client_address_key(cfg))])
-        answer: dict[str, Any] = {"ok": True}
-        if over is not None:
-            log.info("password reset: over the rate limit, nothing sent")
-        elif (email or phone) and cfg.debug_return_reset_token:
-            token = issue_password_reset(s, email, phone)
-            if token:
-                answer.update(debug_token=token, debug_ttl=cfg.pwreset_token_ttl)
-        elif email or phone:
-            # Looked up after the answer is sent: its timing cannot tell whether the
-            # account exists.
-            s.jobs.spawn(issue_password_reset, s, email, phone)
-        return answer
-
-    @router.post("/auth/password/reset")
-    def reset() -> dict[str, Any]:
-        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
-        token = (str_field(body, "token") or "").strip()
-        password = str_field(body, "password") or ""
-        weak = ApiError(400, "weak_password", "Invalid token or weak password")
-        if s.passwords.problem(password):
-            raise weak
-        invalid = ApiError(400, "invalid_token", "Token invalid or expired")
-        if not token or len(token) > 128:
-            raise invalid
-        id_hash = token_hash(token)
-        # A cheap look first, so a stale token costs no Argon2 hash; the claim is atomic below.
-        owner_id = get_reset_user_id(s.sql, id_hash)
-        owner = get_user_by_id(s.sql, owner_id) if owner_id is not None else None
-        if owner is None:
-            raise invalid
-        if s.passwords.problem(password, owner["email"]):
-            raise weak
-        user_id = consume_reset_token(s.sql, id_hash, s.hasher.hash(password))
-        if user_id is None:
-            raise invalid
-        revoked = (
-            revoke_user_sessions(s.sql, s.kv, cfg, user_id) if cfg.pwreset_revoke_sessions else 0
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    email = normalize_email(str_field(body, "email"))
+    password = str_field(body, "password")
+    phone_raw = (str_field(body, "phone") or "").strip()
+    phone = normalize_phone(phone_raw) if phone_raw else None
+    display_name = (str_field(body, "display_name") or "").strip() or None
+    if email is None:
+        raise ApiError(400, "invalid_email", "A valid email address is required")
+    problem = s.passwords.problem(password or "", email)
+    if problem:
+        raise ApiError(400, "weak_password", problem)
+    if phone_raw and phone is None:
+        raise ApiError(400, "invalid_phone", "Phone must be digits with an optional leading +")
+    if display_name and (len(display_name) > DISPLAY_NAME_MAX or not display_name.isprintable()):
+        raise ApiError(
+            400, "invalid_input", f"Display name must be at most {DISPLAY_NAME_MAX} characters"
         )
-        user = get_user_by_id(s.sql, user_id)
-        if user:
-            s.mailer.send(password_changed_mail(cfg, user["email"]))
-        return {"ok": True, "revoked_sessions": revoked}
+    enforce_rate_limits(
+        s.kv,
+        [
+            LimitCheck(cfg.rate_register_ip, "register_ip", client_address_key(cfg)),
+            LimitCheck(cfg.rate_register_email, "register_email", email),
+        ],
+    )
+    password_hash = s.hasher.hash(password)
+    try:
+        insert_user(s.sql, email, phone, display_name, password_hash)
+    except DuplicateError as exc:
+        # The constraints decide uniqueness: a check-then-insert would race.
+        if "phone" in exc.constraint:
+            raise ApiError(409, "phone_taken", "Phone number already registered") from None
+        raise ApiError(409, "email_taken", "Email already registered") from None
+    s.mailer.send(welcome_mail(cfg, email))
+    bottle.response.status = 201
+    return {"ok": True}
 
-    @router.post("/auth/password/change")
-    @login_required(s)
-    def change(user: dict[str, Any]) -> dict[str, Any]:
-        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
-        current = str_field(body, "current_password") or ""
-        new = str_field(body, "new_password") or ""
-        if not current or not new:
-            raise ApiError(400, "invalid_input", "current_password and new_password are required")
-        problem = s.passwords.problem(new, user["email"])
-        if problem:
-            raise ApiError(400, "weak_password", problem)
-        # A wrong current password is a password guess: it counts like a login attempt, on
-        # this session's own key (as a device's): failures of others who try to log in to
-        # the account must not stop its owner, signed in, from changing the password.
-        checks: list[LimitCheck] = [
-            (cfg.rate_login_ip, "login_ip", client_address_key(cfg)),
-            (cfg.rate_login_identifier, "change_session", token_hash(auth_token(cfg) or "")),
-        ]
-        if over_rate_limits(s.kv, checks) is not None:
-            raise ApiError(401, *INVALID_CREDENTIALS)
-        found = get_password_login(s.sql, user["email"], None)
-        if found is None or not s.hasher.verify(found[1], current):
-            raise ApiError(401, *INVALID_CREDENTIALS)
-        update_password_hash(s.sql, user["id"], s.hasher.hash(new))
-        revoked = revoke_user_sessions(s.sql, s.kv, cfg, user["id"], keep_token=auth_token(cfg))
+
+def login(s: Services) -> dict[str, Any]:
+    """POST /auth/login: a new session for the right password; the uniform 401 otherwise."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    identifier = (str_field(body, "identifier") or "").strip()
+    password = str_field(body, "password") or ""
+    if not identifier or not password:
+        raise ApiError(400, "invalid_input", "Identifier and password are required")
+    email, phone = parse_identifier(identifier)
+    # The account is looked up first, so that its limit counts the account (email and
+    # phone alike); every path below costs one password check, so neither the answer
+    # nor its timing tells an unknown account, a wrong password or a limit apart.
+    found = get_password_login(s.sql, email, phone) if (email or phone) else None
+    account_id = found[0]["id"] if found else None
+    device = (
+        device_nonce(s.secret, read_cookie(DEVICE_COOKIE_NAME), account_id)
+        if account_id is not None
+        else None
+    )
+    if over_login_limits(s, account_id, device) is not None or found is None:
+        s.hasher.spend_one_verification(password)
+        raise ApiError(401, *INVALID_CREDENTIALS)
+    user, password_hash = found
+    if not s.hasher.verify(password_hash, password) or not user["is_active"]:
+        raise ApiError(401, *INVALID_CREDENTIALS)
+    if s.hasher.needs_rehash(password_hash):
+        update_password_hash(s.sql, user["id"], s.hasher.hash(password))
+    previous = auth_token(cfg)
+    if previous:
+        # Never keep a session id from before the login (fixation): end it.
+        revoke_session(s.sql, s.kv, cfg, previous)
+    user_agent = bottle.request.environ.get("HTTP_USER_AGENT", "")
+    ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
+    token = create_session(s.sql, s.kv, cfg, user, user_agent, ip)
+    _set_auth_cookie(cfg, token, cfg.session_ttl)
+    if device is None:
+        cookie = new_device_cookie(s.secret, user["id"])
+        set_cookie(cfg, DEVICE_COOKIE_NAME, cookie, DEVICE_COOKIE_SECONDS)
+    # The account's history from now on; the next person on this browser starts afresh.
+    set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
+    return {"ok": True}
+
+
+def logout(s: Services) -> dict[str, Any]:
+    """POST /auth/logout: the session ends; always 200."""
+    cfg = s.cfg
+    # Read, though it may be empty: a text/plain or form body (which any page may send
+    # without a preflight) is a 415, not a logout.
+    read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    token = auth_token(cfg)
+    if token:
+        revoke_session(s.sql, s.kv, cfg, token)
+    _set_auth_cookie(cfg, "", 0)
+    set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
+    return {"ok": True}
+
+
+def me(s: Services, user: dict[str, Any]) -> dict[str, Any]:
+    """GET /auth/me: the signed-in user."""
+    return {"ok": True, "user": user}
+
+
+# -- handlers: passwords -----------------------------------------------------------------
+
+
+def forgot_password(s: Services) -> dict[str, Any]:
+    """POST /auth/password/forgot: always 200; a reset link when the account exists."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    identifier = (str_field(body, "identifier") or str_field(body, "email") or "").strip()
+    if not identifier:
+        raise ApiError(400, "invalid_input", "Identifier is required")
+    email, phone = parse_identifier(identifier)
+    over = over_rate_limits(
+        s.kv, [LimitCheck(cfg.rate_forgot_ip, "forgot_ip", client_address_key(cfg))]
+    )
+    answer: dict[str, Any] = {"ok": True}
+    if over is not None:
+        log.info("password reset: over the rate limit, nothing sent")
+    elif (email or phone) and cfg.debug_return_reset_token:
+        token = issue_password_reset(s, email, phone)
+        if token:
+            answer.update(debug_token=token, debug_ttl=cfg.pwreset_token_ttl)
+    elif email or phone:
+        # Looked up after the answer is sent: its timing cannot tell whether the
+        # account exists.
+        s.jobs.spawn(issue_password_reset, s, email, phone)
+    return answer
+
+
+def reset_password(s: Services) -> dict[str, Any]:
+    """POST /auth/password/reset: a new password with a mailed token, used once."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    token = (str_field(body, "token") or "").strip()
+    password = str_field(body, "password") or ""
+    weak = ApiError(400, "weak_password", "Invalid token or weak password")
+    if s.passwords.problem(password):
+        raise weak
+    invalid = ApiError(400, "invalid_token", "Token invalid or expired")
+    if not token or len(token) > 128:
+        raise invalid
+    id_hash = token_hash(token)
+    # A cheap look first, so a stale token costs no Argon2 hash; the claim is atomic below.
+    owner_id = get_reset_user_id(s.sql, id_hash)
+    owner = get_user_by_id(s.sql, owner_id) if owner_id is not None else None
+    if owner is None:
+        raise invalid
+    if s.passwords.problem(password, owner["email"]):
+        raise weak
+    user_id = consume_reset_token(s.sql, id_hash, s.hasher.hash(password))
+    if user_id is None:
+        raise invalid
+    revoked = revoke_user_sessions(s.sql, s.kv, cfg, user_id) if cfg.pwreset_revoke_sessions else 0
+    user = get_user_by_id(s.sql, user_id)
+    if user:
         s.mailer.send(password_changed_mail(cfg, user["email"]))
-        return {"ok": True, "revoked_sessions": revoked}
+    return {"ok": True, "revoked_sessions": revoked}
 
 
-def _add_chat_routes(router: bottle.Bottle, s: Services) -> None:
-    """POST /deepseek_chat, /reset_chat."""
+def change_password(s: Services, user: dict[str, Any]) -> dict[str, Any]:
+    """POST /auth/password/change: the signed-in user's new password; other sessions end."""
     cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    current = str_field(body, "current_password") or ""
+    new = str_field(body, "new_password") or ""
+    if not current or not new:
+        raise ApiError(400, "invalid_input", "current_password and new_password are required")
+    problem = s.passwords.problem(new, user["email"])
+    if problem:
+        raise ApiError(400, "weak_password", problem)
+    # A wrong current password is a password guess: it counts like a login attempt, on
+    # this session's own key (as a device's): failures of others who try to log in to
+    # the account must not stop its owner, signed in, from changing the password.
+    checks: list[LimitCheck] = [
+        LimitCheck(cfg.rate_login_ip, "login_ip", client_address_key(cfg)),
+        LimitCheck(cfg.rate_login_identifier, "change_session", token_hash(auth_token(cfg) or "")),
+    ]
+    if over_rate_limits(s.kv, checks) is not None:
+        raise ApiError(401, *INVALID_CREDENTIALS)
+    found = get_password_login(s.sql, user["email"], None)
+    if found is None or not s.hasher.verify(found[1], current):
+        raise ApiError(401, *INVALID_CREDENTIALS)
+    update_password_hash(s.sql, user["id"], s.hasher.hash(new))
+    revoked = revoke_user_sessions(s.sql, s.kv, cfg, user["id"], keep_token=auth_token(cfg))
+    s.mailer.send(password_changed_mail(cfg, user["email"]))
+    return {"ok": True, "revoked_sessions": revoked}
 
-    def visitor_id() -> str | None:
-        """The request's visitor id, if this server issued it (and it is not too old)."""
-        raw = read_cookie(cfg.app_session_cookie_name) or ""
-        return raw if visitor_id_is_valid(s.secret, raw, cfg.session_ttl) else None
 
-    @router.post("/deepseek_chat")
-    def chat() -> Any:
+# -- handlers: chat ----------------------------------------------------------------------
+
+
+def chat(s: Services) -> Any:
+    """POST /deepseek_chat: the model's answer as NDJSON lines, streamed as it is written."""
+    cfg = s.cfg
+    user = current_user(s)
+    if cfg.chat_require_auth and user is None:
+        raise ApiError(401, "unauthorized", "Unauthorized")
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    message = str_field(body, "message")
+    if message is None or not message.strip():
+        raise ApiError(400, "empty_message", "Message must not be empty")
+    if len(message) > cfg.chat_max_chars:
+        raise ApiError(400, "message_too_long", f"Message exceeds {cfg.chat_max_chars} characters")
+    address = client_address_key(cfg)
+    # A made-up, foreign or stale cc_app is never adopted: a new one is issued, counted
+    # against the address's limit on new ids (beyond it the answer keeps no history).
+    visitor = request_visitor_id(s) if user is None else None
+    new_visitor = new_visitor_id(s.secret) if user is None and visitor is None else None
+    owner = history_owner(user, visitor or new_visitor)
+    assert owner is not None
+    # The address first: past its limit, nothing further is counted or stored.
+    checks: list[LimitCheck] = [
+        LimitCheck(cfg.rate_chat_ip, "chat_ip", address),
+        LimitCheck(cfg.rate_chat_visitor, "chat_visitor", owner),
+    ]
+    issuing = (
+        LimitCheck(cfg.rate_visitor_ids_ip, "visitor_ids_ip", address) if new_visitor else None
+    )
+    retry_after, history, may_issue = count_chat_and_load_history(s.kv, cfg, checks, owner, issuing)
+    if retry_after is not None:
+        raise rate_limited(retry_after)
+    if new_visitor and may_issue:
+        set_cookie(cfg, cfg.app_session_cookie_name, new_visitor, None)
+    elif new_visitor:
+        log.info("chat: address over RATE_VISITOR_IDS_IP, answered without history")
+        owner = None
+    messages = [
+        {"role": "system", "content": cfg.system_prompt},
+        *history,
+        {"role": "user", "content": message},
+    ]
+    watch = HangupWatch(client_socket(bottle.request.environ) if cfg.chat_providers else None)
+    try:
+        stream, batches, first = start_chat(s, messages, watch)
+    except VisitorLeft:
+        watch.stop()
+        log.info("visitor left before the first token: provider connection closed")
+        # nginx's code for it; nobody reads it, the access line shows it.
+        raise ApiError(499, "client_closed_request", "Client closed the request") from None
+    except BaseException:
+        watch.stop()
+        raise
+    bottle.response.content_type = "application/x-ndjson"
+    bottle.response.set_header("Cache-Control", "no-store")
+    bottle.response.set_header("X-Accel-Buffering", "no")  # nginx: pass lines on at once
+    return relay_chat(s, stream, batches, first, owner, history, message, watch)
+
+
+def reset_chat(s: Services) -> dict[str, Any]:
+    """POST /reset_chat: forget the account's or the visitor's history."""
+    owner = history_owner(current_user(s), request_visitor_id(s))
+    if owner:
+        clear_history(s.kv, owner)
+    return {"ok": True, "status": "Reset chat history successfully"}
+
+
+# -- handlers: operations ----------------------------------------------------------------
+
+
+def healthz(s: Services) -> dict[str, Any]:
+    """GET /auth/healthz: 200 when Redis and the database answer, else 503."""
+    checks = s.health()
+    ok = all(checks.values())
+    bottle.response.status = 200 if ok else 503
+    return {"ok": ok, **checks}
+
+
+def timestamp(s: Services) -> dict[str, Any]:
+    """GET /test: a timestamp and the request id (to see that nothing caches)."""
+    return {"timestamp": time.time(), "request_id": _request_id()}
+
+
+# -- the routing table -------------------------------------------------------------------
+
+
+class Route(NamedTuple):
+    """One endpoint: its method and path, the handler, whether it needs a signed-in user
+    (then the handler gets it after the services), and the rate limits it counts."""
+
+    method: str
+    path: str
+    handler: Callable[..., Any]
+    login: bool = False
+    limits: tuple[str, ...] = ()
+
+
+ROUTES = (
+    Route("POST", "/auth/register", register, limits=("register_ip", "register_email")),
+    Route("POST", "/auth/login", login, limits=("login_ip", "login_id | login_device")),
+    Route("POST", "/auth/logout", logout),
+    Route("GET", "/auth/me", me, login=True),
+    Route("POST", "/auth/password/forgot", forgot_password, limits=("forgot_ip", "forgot_id")),
+    Route("POST", "/auth/password/reset", reset_password),
+    Route(
+        "POST",
+        "/auth/password/change",
+        change_password,
+        login=True,
+        limits=("login_ip", "change_session"),
+    ),
+    Route(
+        "POST",
+        "/deepseek_chat",
+        chat,
+        limits=("chat_ip", "visitor_ids_ip", "chat_visitor"),
+    ),
+    Route("POST", "/reset_chat", reset_chat),
+    Route("GET", "/auth/healthz", healthz),
+    Route("GET", "/test", timestamp),
+)
+
+
+def bind_route(route: Route, s: Services) -> Callable[..., Any]:
+    """The route's handler with the services injected (as a Bottle plugin would), and the
+    signed-in user for a route that needs one (401 without a live session)."""
+
+    @functools.wraps(route.handler)
+    def bound(**url_args: Any) -> Any:
+        if not route.login:
+            return route.handler(s, **url_args)
         user = current_user(s)
-        if cfg.chat_require_auth and user is None:
+        if user is None:
             raise ApiError(401, "unauthorized", "Unauthorized")
-        body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
-        message = str_field(body, "message")
-        if message is None or not message.strip():
-            raise ApiError(400, "empty_message", "Message must not be empty")
-        if len(message) > cfg.chat_max_chars:
-            raise ApiError(
-                400, "message_too_long", f"Message exceeds {cfg.chat_max_chars} characters"
-            )
-        address = client_address_key(cfg)
-        # A made-up, foreign or stale cc_app is never adopted: a new one is issued, counted
-        # against the address's limit on new ids (beyond it the answer keeps no history).
-        visitor = visitor_id() if user is None else None
-        new_visitor = new_visitor_id(s.secret) if user is None and visitor is None else None
-        owner = history_owner(user, visitor or new_visitor)
-        assert owner is not None
-        # The address first: past its limit, nothing further is counted or stored.
-        checks: list[LimitCheck] = [
-            (cfg.rate_chat_ip, "chat_ip", address),
-            (cfg.rate_chat_visitor, "chat_visitor", owner),
-        ]
-        issuing = (cfg.rate_visitor_ids_ip, "visitor_ids_ip", address) if new_visitor else None
-        retry_after, history, may_issue = count_chat_and_load_history(
-            s.kv, cfg, checks, owner, issuing
-        )
-        if retry_after is not None:
-            raise rate_limited(retry_after)
-        if new_visitor and may_issue:
-            set_cookie(cfg, cfg.app_session_cookie_name, new_visitor, None)
-        elif new_visitor:
-            log.info("chat: address over RATE_VISITOR_IDS_IP, answered without history")
-            owner = None
-        messages = [
-            {"role": "system", "content": cfg.system_prompt},
-            *history,
-            {"role": "user", "content": message},
-        ]
-        watch = HangupWatch(client_socket(bottle.request.environ) if cfg.chat_providers else None)
-        try:
-            stream, batches, first = start_chat(s, messages, watch)
-        except VisitorLeft:
-            watch.stop()
-            log.info("visitor left before the first token: provider connection closed")
-            # nginx's code for it; nobody reads it, the access line shows it.
-            raise ApiError(499, "client_closed_request", "Client closed the request") from None
-        except BaseException:
-            watch.stop()
-            raise
-        bottle.response.content_type = "application/x-ndjson"
-        bottle.response.set_header("Cache-Control", "no-store")
-        bottle.response.set_header("X-Accel-Buffering", "no")  # nginx: pass lines on at once
-        return relay_chat(s, stream, batches, first, owner, history, message, watch)
+        return route.handler(s, user, **url_args)
 
-    @router.post("/reset_chat")
-    def reset_chat() -> dict[str, Any]:
-        owner = history_owner(current_user(s), visitor_id())
-        if owner:
-            clear_history(s.kv, owner)
-        return {"ok": True, "status": "Reset chat history successfully"}
+    return bound
 
 
-def _add_misc_routes(router: bottle.Bottle, s: Services) -> None:
-    """GET /auth/healthz, /test."""
-    check_health = HealthCheck(s)
-
-    @router.get("/auth/healthz")
-    def healthz() -> dict[str, Any]:
-        checks = check_health()
-        ok = all(checks.values())
-        bottle.response.status = 200 if ok else 503
-        return {"ok": ok, **checks}
-
-    @router.get("/test")
-    def test() -> dict[str, Any]:
-        return {"timestamp": time.time(), "request_id": _request_id()}
+def create_app(cfg: Config) -> CloudChatApp:
+    """Build the WSGI application for a configuration (the app factory)."""
+    jobs = BackgroundJobs()
+    sql, kv = open_sql_store(cfg), open_kv_store(cfg)
+    services = Services(
+        cfg=cfg,
+        sql=sql,
+        kv=kv,
+        health=HealthCheck(sql, kv, cfg.health_timeout),
+        passwords=PasswordPolicy(cfg),
+        hasher=PasswordHasher(cfg),
+        jobs=jobs,
+        mailer=Mailer(cfg, jobs),
+        upstream=UpstreamPool(cfg.chat_connect_timeout, cfg.chat_read_timeout),
+    )
+    router = bottle.Bottle()
+    router.uninstall("json")  # api_route serialises; one JSON shape everywhere
+    router.default_error_handler = _bottle_error
+    router.install(api_route)
+    for route in ROUTES:
+        router.route(route.path, route.method, bind_route(route, services))
+    return CloudChatApp(services, router)
 
 
 _lazy_app: CloudChatApp | None = None
