@@ -3081,6 +3081,165 @@ class HangupWatch:
             watcher.kill()
 
 
+CHAT_BUSY_FLUSH_SECONDS = 0.05  # 20 writes a second: still a smooth stream to read
+CHAT_FAILURES = {
+    "auth": (503, "chat_unavailable", "Chat is unavailable right now"),
+    "rate": (429, "provider_rate_limited", "The model provider is busy, try again shortly"),
+    "server": (502, "provider_error", "The model provider failed, try again"),
+    "network": (503, "provider_unreachable", "The model provider cannot be reached right now"),
+}
+
+
+class ChatRelay:
+    """The chats in flight: opens the provider stream of each (start), relays it to the
+    visitor (relay), and, when the server stops, ends those still running (end_streams)."""
+
+    def __init__(self, cfg: Config, kv: KeyValueStore) -> None:
+        self._cfg = cfg
+        self._kv = kv
+        self.upstream = UpstreamPool(cfg.chat_connect_timeout, cfg.chat_read_timeout)
+        self.open_streams = 0  # chat answers being relayed right now
+        self._live: set[ChatStream] = set()
+        self._stopping = False  # the grace is over: a stream still waiting gets a 503
+
+    def start(
+        self, messages: list[dict], watch: HangupWatch
+    ) -> tuple[ChatStream | None, Iterator[list[tuple[str, Any]]], list[tuple[str, Any]]]:
+        """Open a stream with the first provider that gets as far as a first token.
+
+        Returns the stream (None for the echo provider), its remaining events and the
+        events already read. Providers are tried in order until one delivers; then no
+        other is tried. VisitorLeft when the visitor hangs up first.
+        """
+        cfg = self._cfg
+        if not cfg.chat_providers:
+            return None, echo_events(messages[-1]["content"]), []
+        failure: ProviderError | None = None
+        for provider in cfg.chat_providers:
+            stream = None
+            try:
+                stream = open_chat_stream(cfg, provider, self.upstream, messages)
+                self._live.add(stream)
+                watch.attach(stream)
+                batches = stream.events()
+                first: list[tuple[str, Any]] = []
+                for batch in batches:
+                    first.extend(batch)
+                    if any(kind != "usage" for kind, _ in batch):
+                        break
+                else:
+                    raise ProviderError(
+                        provider.name, "server", "the answer ended without any text"
+                    )
+                return stream, batches, first
+            except ProviderError as exc:
+                if stream is not None:
+                    self._live.discard(stream)
+                    stream.close()
+                if watch.left:
+                    raise VisitorLeft() from None
+                if self._stopping:
+                    raise ApiError(
+                        503,
+                        "unavailable",
+                        "The server is restarting, try again",
+                        {"Retry-After": "1"},
+                    ) from None
+                log.warning("chat provider failed before the first token: %s", exc)
+                failure = exc
+        assert failure is not None
+        status, code, message = CHAT_FAILURES[failure.kind]
+        retry = failure.retry_after if failure.kind == "rate" else None
+        headers = {"Retry-After": retry} if retry and retry.isdigit() else {}
+        raise ApiError(status, code, message, headers)
+
+    def relay(
+        self,
+        stream: ChatStream | None,
+        batches: Iterator[list[tuple[str, Any]]],
+        first: list[tuple[str, Any]],
+        owner: str | None,
+        history: list[dict[str, str]],
+        question: str,
+        watch: HangupWatch,
+    ) -> Iterator[bytes]:
+        """The visitor's NDJSON stream; the round joins the owner's history (none: a
+        visitor over its address's limit of new ids, who keeps nothing) once complete.
+
+        Lines go out as tokens arrive. With more than CHAT_BUSY_STREAMS answers streaming
+        at once, a stream writes at most every CHAT_BUSY_FLUSH_SECONDS, several tokens a
+        write: the loop is then late for every stream anyway, and each write it spares is
+        a system call and a wake-up it can spend on the streams still waiting for a token.
+        """
+        cfg = self._cfg
+        reply: list[str] = []
+        relayed = {"text": 0, "reasoning": 0}  # characters, each up to CHAT_MAX_REPLY_CHARS
+        usage = None
+        self.open_streams += 1
+        try:
+            for batch in itertools.chain([first], batches):
+                lines = []
+                for kind, value in batch:
+                    if kind == "usage":
+                        usage = value
+                        continue
+                    relayed[kind] += len(value)
+                    if relayed[kind] > cfg.chat_max_reply_chars:
+                        # A reply that never ends would grow without bound here and in history.
+                        log.warning("chat reply over CHAT_MAX_REPLY_CHARS: cut off, not kept")
+                        cut = {"error": "The answer was too long and was cut off"}
+                        lines.append(_json_bytes(cut))
+                        yield b"".join(lines) + b"\n"
+                        return
+                    if kind == "text":
+                        reply.append(value)
+                    lines.append(_json_bytes({kind: value}) + b"\n")
+                if lines:
+                    yield b"".join(lines)
+                    if self.open_streams > cfg.chat_busy_streams:
+                        gevent.sleep(CHAT_BUSY_FLUSH_SECONDS)
+            answer = "".join(reply)
+            if answer and owner is not None:
+                try:
+                    save_round(self._kv, cfg, owner, history, question, answer)
+                except StoreUnavailable as exc:
+                    outage_log.warning("chat round not saved", exc)
+            yield _json_bytes({"done": True, "usage": usage} if usage else {"done": True}) + b"\n"
+        except ProviderError as exc:
+            if stream is not None and stream.ended_by_server:
+                log.warning("chat cut off at shutdown: the grace period ended mid-answer")
+                yield _json_bytes({"error": "The server is restarting, please ask again"}) + b"\n"
+                return
+            if stream is not None and stream.aborted:
+                log.info("visitor left mid-answer: provider connection closed, reply dropped")
+                return
+            log.warning("chat failed mid-answer: %s", exc)
+            yield _json_bytes({"error": "The model provider failed mid-answer, please try again"})
+            yield b"\n"
+        finally:
+            self.open_streams -= 1
+            watch.stop()
+            if stream is not None:
+                self._live.discard(stream)
+                stream.close()
+
+    def end_streams(self) -> None:
+        """The grace period is over: every provider stream in flight ends now, and its
+        visitor gets an {"error"} line instead of a connection cut without a word."""
+        self._stopping = True
+        for stream in list(self._live):
+            stream.abort(by_server=True)
+
+    def close(self) -> None:
+        """Close the idle provider connections."""
+        self.upstream.close()
+
+
+###############################################################################
+# App: request plumbing, error envelope, routes
+###############################################################################
+
+
 class HealthCheck:
     """Pings Redis and the database; callers arriving while a check runs share its answer."""
 
@@ -3136,7 +3295,8 @@ def _probe(name: str, ping: Callable[[], None]) -> bool:
 
 @dataclasses.dataclass
 class Services:
-    """What the routes work with: configuration, stores, hasher, mailer, provider pool."""
+    """What the handlers work with: configuration, stores, health check, password rules and
+    hashing, background jobs and mail, the chats in flight."""
 
     cfg: Config
     sql: SqlStore
@@ -3146,17 +3306,7 @@ class Services:
     hasher: PasswordHasher
     jobs: BackgroundJobs
     mailer: Mailer
-    upstream: UpstreamPool
-    open_streams: int = 0  # chat answers being relayed right now
-    live_streams: set[ChatStream] = dataclasses.field(default_factory=set)
-    stopping: bool = False  # SIGTERM: streams still running at the end of the grace get cut
-
-    def end_streams(self) -> None:
-        """The grace period is over: every provider stream in flight ends now, and its
-        visitor gets an {"error"} line instead of a connection cut without a word."""
-        self.stopping = True
-        for stream in list(self.live_streams):
-            stream.abort(by_server=True)
+    chat: ChatRelay
 
     @functools.cached_property
     def secret(self) -> bytes:
@@ -3166,138 +3316,10 @@ class Services:
 
     def close(self) -> None:
         """Release the stores' and the providers' connections."""
-        self.upstream.close()
+        self.chat.close()
         self.kv.close()
         self.sql.close()
 
-
-CHAT_BUSY_FLUSH_SECONDS = 0.05  # 20 writes a second: still a smooth stream to read
-CHAT_FAILURES = {
-    "auth": (503, "chat_unavailable", "Chat is unavailable right now"),
-    "rate": (429, "provider_rate_limited", "The model provider is busy, try again shortly"),
-    "server": (502, "provider_error", "The model provider failed, try again"),
-    "network": (503, "provider_unreachable", "The model provider cannot be reached right now"),
-}
-
-
-def start_chat(
-    s: Services, messages: list[dict], watch: HangupWatch
-) -> tuple[ChatStream | None, Iterator[list[tuple[str, Any]]], list[tuple[str, Any]]]:
-    """Open a stream with the first provider that gets as far as a first token.
-
-    Returns the stream (None for the echo provider), its remaining events and the events
-    already read. Providers are tried in order until one delivers; then no other is tried.
-    VisitorLeft when the visitor hangs up first.
-    """
-    if not s.cfg.chat_providers:
-        return None, echo_events(messages[-1]["content"]), []
-    failure: ProviderError | None = None
-    for provider in s.cfg.chat_providers:
-        stream = None
-        try:
-            stream = open_chat_stream(s.cfg, provider, s.upstream, messages)
-            s.live_streams.add(stream)
-            watch.attach(stream)
-            batches = stream.events()
-            first: list[tuple[str, Any]] = []
-            for batch in batches:
-                first.extend(batch)
-                if any(kind != "usage" for kind, _ in batch):
-                    break
-            else:
-                raise ProviderError(provider.name, "server", "the answer ended without any text")
-            return stream, batches, first
-        except ProviderError as exc:
-            if stream is not None:
-                s.live_streams.discard(stream)
-                stream.close()
-            if watch.left:
-                raise VisitorLeft() from None
-            if s.stopping:
-                raise ApiError(
-                    503, "unavailable", "The server is restarting, try again", {"Retry-After": "1"}
-                ) from None
-            log.warning("chat provider failed before the first token: %s", exc)
-            failure = exc
-    assert failure is not None
-    status, code, message = CHAT_FAILURES[failure.kind]
-    retry = failure.retry_after if failure.kind == "rate" else None
-    headers = {"Retry-After": retry} if retry and retry.isdigit() else {}
-    raise ApiError(status, code, message, headers)
-
-
-def relay_chat(
-    s: Services,
-    stream: ChatStream | None,
-    batches: Iterator[list[tuple[str, Any]]],
-    first: list[tuple[str, Any]],
-    owner: str | None,
-    history: list[dict[str, str]],
-    question: str,
-    watch: HangupWatch,
-) -> Iterator[bytes]:
-    """The visitor's NDJSON stream; the round joins the owner's history (none: a visitor
-    over its address's limit of new ids, who keeps nothing) once it is complete.
-
-    Lines go out as tokens arrive. With more than CHAT_BUSY_STREAMS answers streaming at
-    once, a stream writes at most every CHAT_BUSY_FLUSH_SECONDS, several tokens a write:
-    the loop is then late for every stream anyway, and each write it spares is a system
-    call and a wake-up it can spend on setting up the streams still waiting for a token.
-    """
-    reply: list[str] = []
-    relayed = {"text": 0, "reasoning": 0}  # characters, each bounded by CHAT_MAX_REPLY_CHARS
-    usage = None
-    s.open_streams += 1
-    try:
-        for batch in itertools.chain([first], batches):
-            lines = []
-            for kind, value in batch:
-                if kind == "usage":
-                    usage = value
-                    continue
-                relayed[kind] += len(value)
-                if relayed[kind] > s.cfg.chat_max_reply_chars:
-                    # A reply that never ends would grow without bound here and in history.
-                    log.warning("chat reply over CHAT_MAX_REPLY_CHARS: cut off, not kept")
-                    lines.append(_json_bytes({"error": "The answer was too long and was cut off"}))
-                    yield b"".join(lines) + b"\n"
-                    return
-                if kind == "text":
-                    reply.append(value)
-                lines.append(_json_bytes({kind: value}) + b"\n")
-            if lines:
-                yield b"".join(lines)
-                if s.open_streams > s.cfg.chat_busy_streams:
-                    gevent.sleep(CHAT_BUSY_FLUSH_SECONDS)
-        answer = "".join(reply)
-        if answer and owner is not None:
-            try:
-                save_round(s.kv, s.cfg, owner, history, question, answer)
-            except StoreUnavailable as exc:
-                outage_log.warning("chat round not saved", exc)
-        yield _json_bytes({"done": True, "usage": usage} if usage else {"done": True}) + b"\n"
-    except ProviderError as exc:
-        if stream is not None and stream.ended_by_server:
-            log.warning("chat cut off at shutdown: the grace period ended mid-answer")
-            yield _json_bytes({"error": "The server is restarting, please ask again"}) + b"\n"
-            return
-        if stream is not None and stream.aborted:
-            log.info("visitor left mid-answer: provider connection closed, reply dropped")
-            return
-        log.warning("chat failed mid-answer: %s", exc)
-        yield _json_bytes({"error": "The model provider failed mid-answer, please try again"})
-        yield b"\n"
-    finally:
-        s.open_streams -= 1
-        watch.stop()
-        if stream is not None:
-            s.live_streams.discard(stream)
-            stream.close()
-
-
-###############################################################################
-# App: request plumbing, error envelope, routes
-###############################################################################
 
 SECURITY_HEADERS = (
     ("Cache-Control", "no-store"),
@@ -3931,7 +3953,7 @@ def chat(s: Services) -> Any:
     ]
     watch = HangupWatch(client_socket(bottle.request.environ) if cfg.chat_providers else None)
     try:
-        stream, batches, first = start_chat(s, messages, watch)
+        stream, batches, first = s.chat.start(messages, watch)
     except VisitorLeft:
         watch.stop()
         log.info("visitor left before the first token: provider connection closed")
@@ -3943,7 +3965,7 @@ def chat(s: Services) -> Any:
     bottle.response.content_type = "application/x-ndjson"
     bottle.response.set_header("Cache-Control", "no-store")
     bottle.response.set_header("X-Accel-Buffering", "no")  # nginx: pass lines on at once
-    return relay_chat(s, stream, batches, first, owner, history, message, watch)
+    return s.chat.relay(stream, batches, first, owner, history, message, watch)
 
 
 def reset_chat(s: Services) -> dict[str, Any]:
@@ -4039,7 +4061,7 @@ def create_app(cfg: Config) -> CloudChatApp:
         hasher=PasswordHasher(cfg),
         jobs=jobs,
         mailer=Mailer(cfg, jobs),
-        upstream=UpstreamPool(cfg.chat_connect_timeout, cfg.chat_read_timeout),
+        chat=ChatRelay(cfg, kv),
     )
     router = bottle.Bottle()
     router.uninstall("json")  # api_route serialises; one JSON shape everywhere
@@ -4461,7 +4483,7 @@ def serve(cfg: Config) -> int:
         # A second before the grace is over, streams still running get their error line
         # and end, so that no visitor sees a connection cut without a word.
         margin = min(SHUTDOWN_STREAM_MARGIN, cfg.shutdown_grace / 2)
-        gevent.spawn_later(cfg.shutdown_grace - margin, application.services.end_streams)
+        gevent.spawn_later(cfg.shutdown_grace - margin, application.services.chat.end_streams)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop, signum)
