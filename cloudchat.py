@@ -4152,6 +4152,9 @@ _OVER_CAPACITY = (
 )
 
 
+_SLOW_REQUEST = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
 class _UnreadBody:
     """Stands in for a request body that pywsgi must not drain."""
 
@@ -4287,7 +4290,14 @@ class CloudChatHandler(gevent.pywsgi.WSGIHandler):
             server.header_timeout,
             SlowRequestError(f"request headers took longer than {server.header_timeout:g} s"),
         )
-        return super().read_requestline()
+        try:
+            return super().read_requestline()
+        except SlowRequestError as exc:
+            # Out of time within the request line: the same 400 as within the headers
+            # (pywsgi would close without a word, as for a peer that went away).
+            self.log_error("%s (from %s)", exc, self.client_address[0])
+            answer_and_close(self.socket, _SLOW_REQUEST)
+            raise
 
     def MessageClass(self, rfile: Any, *args: Any) -> Any:
         # The headers, checked before pywsgi drops Content-Length in favour of chunked.

@@ -218,3 +218,13 @@ def test_client_errors_are_quiet_info_lines(make_server: ServerFactory) -> None:
     client_lines = [line for line in server.logs if "client error:" in line]
     assert all(" INFO " in line and "socket" not in line for line in client_lines), client_lines
     assert " ERROR " not in server.log_text()
+
+
+def test_request_line_trickled_past_the_deadline_gets_a_400(make_server: ServerFactory) -> None:
+    """Out of HEADER_TIMEOUT within the request line itself: the same 400 as within the
+    headers, not a close without a word (seen under load in test_hostile's trickle)."""
+    server = make_server.start("embedded", {"HEADER_TIMEOUT": "1", "CLIENT_TIMEOUT": "30"})
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"GET /te")  # and nothing more: the request line never ends
+        answer = _read_all(sock, 10)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
