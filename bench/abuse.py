@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import run as harness  # bench/ is sys.path[0] when this file runs as a script
+import harness  # bench/ is sys.path[0] when this file runs as a script
 
 SCENARIOS = ("flood", "lockout", "ipv6", "race")
 REDIS_CONF = harness.ROOT / "deploy" / "redis" / "cloudchat.conf"
@@ -77,42 +76,12 @@ class Client:
         return self.call("POST", "/auth/login", {"identifier": email, "password": password})
 
 
-class PrivateRedis:
-    """redis-server on a free loopback port, nothing on disk."""
+def private_redis(workdir: Path, maxmemory: str, policy: str) -> tuple[Any, Any]:
+    """A redis-server of our own (harness.PrivateRedis) and a client of it."""
+    import redis
 
-    def __init__(self, maxmemory: str, policy: str) -> None:
-        self.port = harness_free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--maxmemory", maxmemory, "--maxmemory-policy", policy],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        import redis
-
-        self.client = redis.Redis(port=self.port, socket_timeout=5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Stop it by its PID."""
-        self.client.close()
-        harness.stop_process(self.proc)
-
-
-def harness_free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    server = harness.PrivateRedis(workdir, "--maxmemory", maxmemory, "--maxmemory-policy", policy)
+    return server, redis.Redis(port=server.port, socket_timeout=5)
 
 
 def start_server(server: Path, workdir: Path, **env: str) -> harness.LoggedProcess:
@@ -141,11 +110,11 @@ def register(port: int) -> str:
 
 def flood(server: Path, workdir: Path, policy: str) -> dict[str, Any]:
     """A chat flood against a small Redis, then the victim's exhausted login limit."""
-    redis = PrivateRedis("4mb", policy)
+    redis, store = private_redis(workdir, "4mb", policy)
     cheap = {"ARGON2_TIME_COST": "1", "ARGON2_MEMORY_KIB": "8"}
     app = start_server(
-        server, workdir, REDIS_URL=f"redis://127.0.0.1:{redis.port}/0",
-        RATE_LOGIN_IDENTIFIER="3/600", RATE_CHAT_IP="1000000/60", RATE_CHAT_VISITOR="1000000/60",
+        server, workdir, REDIS_URL=redis.url(), RATE_LOGIN_IDENTIFIER="3/600",
+        RATE_CHAT_IP="1000000/60", RATE_CHAT_VISITOR="1000000/60",
         CHAT_MAX_CHARS="16000", CHAT_HISTORY_BUDGET_MB="1", **cheap,
     )  # fmt: skip
     try:
@@ -156,7 +125,7 @@ def flood(server: Path, workdir: Path, policy: str) -> dict[str, Any]:
         for n in range(180):
             client = Client(app.port, f"198.19.{n // 250}.{n % 250 + 1}")
             statuses[client.call("POST", "/deepseek_chat", {"message": "x" * 16000})[0]] += 1
-        info = redis.client.info()
+        info = store.info()
         victim = Client(app.port, "198.18.2.1").login(email, PASSWORD)[0]
         return {
             "policy": policy,
@@ -167,6 +136,7 @@ def flood(server: Path, workdir: Path, policy: str) -> dict[str, Any]:
         }
     finally:
         app.stop()
+        store.close()
         redis.stop()
 
 
@@ -212,35 +182,19 @@ def ipv6(server: Path, workdir: Path) -> dict[str, Any]:
 
 def throwaway_database(server: Path) -> tuple[str, Any]:
     """A new PostgreSQL database on 127.0.0.1:5432 with the server's schema; (URL, drop)."""
-    import psycopg2
-
     name = f"cc_abuse_{secrets.token_hex(4)}"
-    admin = psycopg2.connect(harness.PG_ADMIN_DSN)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
+    harness.admin_sql(f'CREATE DATABASE "{name}"')
     url = harness.PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-    subprocess.run(
-        [sys.executable, str(server), "initdb"],
-        env={**os.environ, "DATABASE_URL": url},
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-
-    def drop() -> None:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.close()
-
-    return url, drop
+    harness.run_initdb(server, {"DATABASE_URL": url})
+    return url, lambda: harness.admin_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 def race(server: Path, workdir: Path, trials: int = 20) -> dict[str, Any]:
     """Logout against concurrent cache fills: how often a session outlives its logout."""
-    redis = PrivateRedis("64mb", "noeviction")
+    redis, store = private_redis(workdir, "64mb", "noeviction")
     url, drop = throwaway_database(server)
     app = start_server(
-        server, workdir, REDIS_URL=f"redis://127.0.0.1:{redis.port}/0", DATABASE_URL=url,
+        server, workdir, REDIS_URL=redis.url(), DATABASE_URL=url,
         SESSION_CACHE_SECONDS="60", RATE_LOGIN_IP="1000000/600",
         RATE_LOGIN_IDENTIFIER="1000000/600", ARGON2_TIME_COST="1", ARGON2_MEMORY_KIB="8",
     )  # fmt: skip
@@ -251,8 +205,8 @@ def race(server: Path, workdir: Path, trials: int = 20) -> dict[str, Any]:
             browser = Client(app.port)
             assert browser.login(email, PASSWORD)[0] == 200
             cookie = dict(browser.cookies)
-            for key in redis.client.scan_iter(match="cc:sess:*"):
-                redis.client.delete(key)  # as if the entry had expired: the next read fills
+            for key in store.scan_iter(match="cc:sess:*"):
+                store.delete(key)  # as if the entry had expired: the next read fills
             threads = []
             for _ in range(8):
                 reader = Client(app.port)
@@ -269,6 +223,7 @@ def race(server: Path, workdir: Path, trials: int = 20) -> dict[str, Any]:
         return {"trials": trials, "session_alive_after_logout": survived}
     finally:
         app.stop()
+        store.close()
         redis.stop()
         drop()
 

@@ -4,64 +4,13 @@
                                    [--workers 12] [--faults NAME,...] [--fault-seconds 12]
                                    [--seed 1] [--env NAME=VALUE] [--keep-logs DIR]
 
-Not part of CI: ten minutes by default (`--minutes 1` for a quick check). It starts, all on
-loopback and all of its own:
-
-  setup postgres (default)  a redis-server on a free port (no persistence: a restart comes
-                            back empty) and a PostgreSQL cluster (initdb into a temporary
-                            folder, run as the `postgres` user when started as root, fsync
-                            off), so that faults are real and the machine's shared services
-                            are never touched; `cloudchat.py initdb` against it
-  setup embedded            a temporary SQLite file and the in-process store (only the
-                            faults that need neither Redis nor PostgreSQL)
-  bench/provider.py         the fake model provider (50 tokens 20 ms apart), whose
-                            `POST /control` mode the provider faults switch
-  the server                `python cloudchat.py` (a snapshot of it), PORT=0, LOG_LEVEL=INFO,
-                            production Argon2 parameters, rate limits raised out of the way,
-                            DEBUG_RETURN_RESET_TOKEN=1, its log drained to a file
-
-Traffic: --workers threads, each with an account of its own (registered first), its own
-keep-alive connection and its own chat visitor, one request after another, the action
-picked at random with fixed weights (seeded): GET /auth/me, GET /auth/healthz, a login
-(the old session is sent along and must end), a chat stream read to its last line, a chat
-stream the client hangs up after its first line, POST /reset_chat, a password reset
-(forgot with the debug token, reset to a new password, which ends the session), and
-GET /auth/me with a session ended earlier (must answer 401, before and after faults).
-Every request has a 5 s client timeout (no byte for 5 s: `timeout`). A separate probe asks
-GET /auth/healthz every 0.5 s to time when a fault shows and when it is over.
-
-Faults, one a minute in rotation (--faults), injected 15 s into the minute and healed
---fault-seconds (12) later:
-
-    redis-stop      SIGTERM the private Redis; start it again (empty)
-    postgres-stop   `pg_ctl stop -m immediate` (a crash); `pg_ctl start` (crash recovery)
-    provider-hang   the provider takes requests and never answers; when healed it closes them
-    slow-headers    200 connections send their request headers a byte a second
-    redis-hang      SIGSTOP the private Redis (a hang, not a refusal); SIGCONT
-    provider-reset  the provider resets the connection after 5 tokens
-    provider-500    the provider answers 500
-    provider-slow   the first token after 2 s, then tokens 100 ms apart (7 s a reply)
-    none            no fault this minute
-
-Errors count as "in the fault window" when the request started between 5 s before the
-injection and 10 s after the healing; any other error, any 500, any traceback in the
-server log, a session that outlived its end, a server that stops answering SIGUSR1 and
-growth past the thresholds are flagged.
-
-Every minute ends with a quiet point, 57 s in: the workers finish their request in flight
-and close their connections, then the server gets SIGUSR1 and logs `stats connections=N
-greenlets=N open_fds=N rss_kib=N`; that line, the settled VmRSS and the provider's open
-upstream connections are the minute's figures (the same line is also taken under each
-fault, halfway through it). Per minute it prints requests by endpoint and outcome, errors by
-kind, p50/p99 per endpoint and those figures; at the end a table, the growth verdict
-(minutes 2-3 against the last two, shorter runs compare what they have; and the slope of
-the RSS over the second half, which tells a step from a climb), the server log's 500s,
-tracebacks and warnings by kind; everything goes to a JSON file (default
-bench/results/soak-<setup>-<time>.json).
-
-Loopback only. Every loop is bounded in count and time; every process started here is
-stopped by its PID (PostgreSQL by `pg_ctl`, which signals the postmaster's PID); the
-temporary folders, the cluster and the Redis data go at the end, even after Ctrl-C.
+Not part of CI: ten minutes by default (`--minutes 1` for a quick check). bench/README.md
+("Soak") says what it starts (a private redis-server and PostgreSQL cluster for setup
+postgres, bench/provider.py, a snapshot of the server), the traffic and its weights, the
+faults, the quiet point at the end of every minute, the growth verdict and the flags.
+Loopback only; every loop is bounded in count and time; every process started here is
+stopped by its PID (PostgreSQL by `pg_ctl`); the temporary folders, the cluster and the
+Redis data go at the end, even after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -79,7 +28,6 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -88,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import run as harness  # bench/ is sys.path[0] when this file runs as a script
+import harness  # bench/ is sys.path[0] when this file runs as a script
 
 ROOT = harness.ROOT
 BENCH = harness.BENCH
@@ -156,7 +104,7 @@ REQUEST_LINE_RE = re.compile(r" cloudchat: ([A-Z]+) (\S+) (\d{3}) [\d.]+ms rid="
 
 def say(text: str) -> None:
     """Progress on stderr (the minute reports and the table go to stdout)."""
-    print(f"[soak] {text}", file=sys.stderr, flush=True)
+    harness.say("soak", text)
 
 
 def sleep_until(moment: float, stop: threading.Event | None = None) -> None:
@@ -169,171 +117,9 @@ def sleep_until(moment: float, stop: threading.Event | None = None) -> None:
             time.sleep(delay)
 
 
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 ###############################################################################
 # Private Redis and PostgreSQL, so that faults are real and nothing shared is touched
 ###############################################################################
-
-
-class PrivateRedis:
-    """A redis-server of the soak's own on a free loopback port, without persistence."""
-
-    def __init__(self, workdir: Path) -> None:
-        if not shutil.which("redis-server"):
-            raise RuntimeError("redis-server is not installed (setup postgres needs it)")
-        self.port = free_port()
-        self.workdir = workdir
-        self.log_path = workdir / "redis.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.paused = False
-
-    def start(self) -> float:
-        """Start it and wait until it answers PING; the seconds that took."""
-        began = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.workdir),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C reaches the soak, which stops it in order
-            )
-        deadline = began + 10
-        while time.monotonic() < deadline:
-            if self.answers():
-                return time.monotonic() - began
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"the private redis-server did not start: {self.log_tail()}")
-
-    def answers(self) -> bool:
-        """True if it answers PING within a second."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def pause(self) -> None:
-        """SIGSTOP: connections are accepted by the kernel, nothing is answered."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGSTOP)
-            self.paused = True
-
-    def resume(self) -> None:
-        """SIGCONT."""
-        if self.proc is not None and self.paused:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)
-        self.paused = False
-
-    def stop(self) -> float:
-        """SIGTERM by its PID (SIGKILL after 10 s); the seconds that took."""
-        began = time.monotonic()
-        self.resume()
-        if self.proc is not None:
-            harness.stop_process(self.proc, 10)
-        self.proc = None
-        return time.monotonic() - began
-
-    def log_tail(self) -> str:
-        """The end of its log."""
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-1000:]
-        return ""
-
-
-class PrivatePostgres:
-    """A PostgreSQL cluster of the soak's own (initdb + pg_ctl) on a free loopback port.
-
-    initdb refuses to run as root: as root, the cluster belongs to the `postgres` user
-    and every pg_ctl runs through `runuser -u postgres --`.
-    """
-
-    def __init__(self) -> None:
-        if not (shutil.which("pg_ctl") and shutil.which("initdb")):
-            raise RuntimeError("initdb / pg_ctl are not installed (setup postgres needs them)")
-        self.port = free_port()
-        self.user = "postgres" if os.geteuid() == 0 else None
-        # Its own folder, outside the soak's (root-only) work folder: the user must reach it.
-        self.dir = Path(tempfile.mkdtemp(prefix="cc-soak-pg-"))
-        self.data = self.dir / "data"
-        self.log_path = self.dir / "postgres.log"
-        try:
-            if self.user:
-                shutil.chown(self.dir, self.user)
-            self._run(["initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-N"])
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-
-    def _run(self, args: list[str], timeout: float = 60) -> None:
-        prefix = ["runuser", "-u", self.user, "--"] if self.user else []
-        done = subprocess.run(
-            prefix + args,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            start_new_session=True,  # the postmaster must not get the terminal's Ctrl-C
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{args[0]} {args[-1]} failed: {done.stdout}{done.stderr}")
-
-    def start(self) -> float:
-        """Start the cluster and wait until it accepts connections; the seconds that took."""
-        began = time.monotonic()
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        pg_ctl = ["pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-o", options]
-        self._run([*pg_ctl, "-w", "-t", "30", "start"])
-        return time.monotonic() - began
-
-    def crash(self) -> float:
-        """Stop it at once, as a crash or the OOM killer would; the seconds that took."""
-        began = time.monotonic()
-        self._run(["pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"])
-        return time.monotonic() - began
-
-    def postmaster_pid(self) -> int | None:
-        """The running postmaster's PID, from postmaster.pid."""
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            return int((self.data / "postmaster.pid").read_text().split()[0])
-        return None
-
-    def url(self) -> str:
-        """The connection URL of its postgres database."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def remove(self) -> None:
-        """Stop it if it runs (fast shutdown, else SIGKILL to the postmaster's PID); delete."""
-        pid = self.postmaster_pid()
-        if pid is not None:
-            try:
-                self._run(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop"])
-            except (RuntimeError, subprocess.TimeoutExpired):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                time.sleep(1)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class PrivateStorage:
@@ -344,14 +130,13 @@ class PrivateStorage:
     def __init__(self, workdir: Path, server_path: Path) -> None:
         self.workdir = workdir
         self.server_path = server_path
-        self.redis: PrivateRedis | None = None
-        self.postgres: PrivatePostgres | None = None
+        self.redis: harness.PrivateRedis | None = None
+        self.postgres: harness.PrivatePostgres | None = None
 
     def start(self) -> None:
         """Start Redis, make and start the cluster (close() undoes whatever got done)."""
-        self.redis = PrivateRedis(self.workdir)
-        self.redis.start()
-        self.postgres = PrivatePostgres()
+        self.redis = harness.PrivateRedis(self.workdir)
+        self.postgres = harness.PrivatePostgres()
         self.postgres.start()
 
     def prepare(self, run: int) -> dict[str, str]:
@@ -359,7 +144,7 @@ class PrivateStorage:
         assert self.redis is not None and self.postgres is not None
         storage = {
             "DATABASE_URL": self.postgres.url(),
-            "REDIS_URL": f"redis://127.0.0.1:{self.redis.port}/0",
+            "REDIS_URL": self.redis.url(),
         }
         harness.run_initdb(self.server_path, storage)
         return storage
@@ -917,13 +702,8 @@ class ServerLog:
                 log.seek(offset)
                 match = STATS_RE.search(log.read().decode("utf-8", "replace"))
             if match:
-                connections, greenlets, fds, rss_kib = (int(g) for g in match.groups())
-                return {
-                    "connections": connections,
-                    "greenlets": greenlets,
-                    "open_fds": fds,
-                    "rss_kib": rss_kib,
-                }
+                names = ("connections", "greenlets", "open_fds", "rss_kib")
+                return dict(zip(names, map(int, match.groups()), strict=True))
             time.sleep(0.05)
         return None
 
@@ -986,35 +766,21 @@ class Soak:
     def provider_control(self, mode: str) -> None:
         """Switch the fake provider's mode (POST /control)."""
         assert self.provider is not None
-        conn = http.client.HTTPConnection("127.0.0.1", self.provider.port, timeout=5)
-        try:
-            status, body, _ = harness.call(conn, "POST", "/control", {"mode": mode})
-        finally:
-            conn.close()
-        if status != 200:
-            raise RuntimeError(f"the provider refused mode {mode}: {body!r}")
+        harness.provider_call(self.provider.port, "POST", "/control", {"mode": mode})
 
     def provider_stats(self) -> dict[str, Any]:
         """The provider's counters ({} when it does not answer)."""
         assert self.provider is not None
         try:
-            return harness.provider_stats(self.provider.port)
-        except (OSError, http.client.HTTPException, ValueError):
+            return harness.provider_call(self.provider.port, "GET", "/stats")
+        except (OSError, http.client.HTTPException, ValueError, RuntimeError):
             return {}
 
     def start(self) -> None:
         """Provider, storage, server; the worker accounts."""
         args = self.args
-        snapshot = self.workdir / "server"
-        snapshot.mkdir()
-        shutil.copyfile(args.server, snapshot / args.server.name)
-        if (args.server.parent / "schema.sql").exists():
-            shutil.copyfile(args.server.parent / "schema.sql", snapshot / "schema.sql")
-        self.identity = harness.source_identity(args.server, snapshot / args.server.name)
-        server_path = snapshot / args.server.name
-        self.provider = harness.LoggedProcess(
-            [sys.executable, str(BENCH / "provider.py")], dict(os.environ), self.workdir / "p.log"
-        )
+        server_path, self.identity = harness.snapshot(args.server, self.workdir)
+        self.provider = harness.start_provider(self.workdir)
         say(f"fake provider on port {self.provider.port}")
         if args.setup == "postgres":
             self.storage = PrivateStorage(self.workdir, server_path)
@@ -1494,11 +1260,7 @@ def render_minute(m: dict[str, Any], total: int) -> str:
                 kinds_text(e["outcomes"], 4),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for row in rows:
-        cells = [row[0].ljust(widths[0])]
-        cells += [c.rjust(w) for c, w in zip(row[1:5], widths[1:], strict=True)]
-        out.append("     " + "  ".join(cells) + "  " + row[5])
+    out += ["     " + line for line in harness.text_table(rows, "lrrrr-", rule=False)]
     out.append(
         f"   server at the quiet point: {describe_quiet(m['quiet'])}; peak RSS this minute"
         f" {m['peak_rss_mb']:.1f} MB"
@@ -1565,15 +1327,7 @@ def render_table(soak: Soak) -> str:
                 kinds_text(m["errors_by_kind"], 3),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    out = []
-    for index, row in enumerate(rows):
-        cells = [row[0].rjust(widths[0]), row[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(row[2:-1], widths[2:], strict=True)]
-        out.append("  ".join(cells) + "  " + row[-1])
-        if index == 0:
-            out.append("-" * len(out[0]))
-    return "\n".join(out)
+    return "\n".join(harness.text_table(rows, "rlrrrrrrrrr-"))
 
 
 def render_verdict(verdict: dict[str, Any], log: dict[str, Any]) -> str:
@@ -1689,13 +1443,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.setup == "embedded" and set(faults) & set(STORAGE_FAULTS):
         parser.error(f"setup embedded has no Redis or PostgreSQL to break: {STORAGE_FAULTS}")
     args.faults = faults
-    extra = {}
-    for item in args.env:
-        name, equals, value = item.partition("=")
-        if not equals or not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
-            parser.error(f"--env {item!r} is not NAME=VALUE")
-        extra[name] = value
-    args.env = extra
+    args.env = harness.parse_env(parser, args.env)
     return args
 
 
@@ -1721,12 +1469,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         soak.start()
         code = soak.identity
-        print(
-            f"server {code['path']} sha256 {code['sha256'][:12]}, git"
-            f" {code.get('git_head', '?')[:12]}"
-            f"{' + local edits' if code.get('cloudchat_py_modified') else ''}",
-            flush=True,
-        )
+        print(harness.identity_line(code), flush=True)
         try:
             soak.run()
         except KeyboardInterrupt:

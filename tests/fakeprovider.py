@@ -5,11 +5,15 @@ controls every byte and every write boundary: each SSE event goes out as its own
 or, on demand, events and multi-byte UTF-8 characters are cut across chunks. Replies come
 from a script (a queue per path, then a sticky default); every request is recorded, and
 every connection remembers when it closed and whether the client closed it.
+
+bench/provider.py runs it under gevent (a greenlet per connection) as the benchmarks'
+provider, with recording off.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import select
 import socket
@@ -80,10 +84,11 @@ class Reply:
     crlf: bool = False
     keepalive: bool = False  # ": keep-alive" comments before the first event and between tokens
     split: bool = False  # cut events (and multi-byte characters) across HTTP chunks
-    delay: float = 0.0  # pause after each content token
+    delay: float = 0.0  # between content tokens, on a fixed schedule (no drift under load)
+    first: float = 0.0  # pause before the first content token
     gate: threading.Event | None = None  # waited on after the first content token
     gate_keepalive: float = 0.0  # while waiting on the gate, a keep-alive comment this often
-    hold: float = HANG_LIMIT  # "hang": seconds before the connection is closed unanswered
+    hold: float = HANG_LIMIT  # "hang": seconds (or until `gate` is set) before it is closed
     framing: str = "chunked"  # one of FRAMINGS
 
     def __post_init__(self) -> None:
@@ -183,6 +188,7 @@ class _Stream:
         self.reply = reply
         self.eol = b"\r\n" if reply.crlf else b"\n"
         self.carry = b""
+        self.due = 0.0  # when the next content token is due (`delay`'s fixed schedule)
 
     def send(self, data: bytes) -> None:
         """Write raw bytes; a failed write means the client went away."""
@@ -250,11 +256,19 @@ def _chunk_body(delta: dict[str, Any], finish: str | None = None) -> dict[str, A
     }
 
 
+@functools.lru_cache(maxsize=1024)
+def _content_event(piece: str) -> str:
+    """The JSON text of a content chunk (cached: a benchmark streams the same token often)."""
+    return json.dumps(_chunk_body({"content": piece}), ensure_ascii=False)
+
+
 class FakeProvider:
     """The fake provider: start it, script replies, read what it received, stop it."""
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = True, watch: bool = True) -> None:
         """Listen on an ephemeral loopback port and accept in a background thread."""
+        self.record = record  # False: requests are not kept (a long benchmark)
+        self.watch = watch  # False: a pause between tokens is a plain sleep (cheaper)
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._queues: dict[str | None, collections.deque[Reply]] = collections.defaultdict(
@@ -428,8 +442,9 @@ class FakeProvider:
             parsed = None
         conn.requests += 1
         request = Recorded(method, path, headers, body, parsed, conn, time.monotonic())
-        with self._lock:
-            self._requests.append(request)
+        if self.record:
+            with self._lock:
+                self._requests.append(request)
         return request, rest
 
     def _read_chunked(self, conn: Connection, rest: bytes) -> tuple[bytes, bytes]:
@@ -482,6 +497,10 @@ class FakeProvider:
         tick: Callable[[], None] | None = None,
     ) -> None:
         """Wait up to `seconds` (or until the event), raising ClientGone when the peer closes."""
+        if not self.watch and until is None and tick is None:
+            if self._closing.wait(max(0.0, seconds)):
+                raise ClientGone("provider stopping")
+            return
         deadline = time.monotonic() + seconds
         next_tick = time.monotonic() + every
         poller = select.poll()
@@ -510,7 +529,7 @@ class FakeProvider:
     def _answer(self, conn: Connection, request: Recorded, reply: Reply) -> bool:
         """Answer one request as scripted; True when the connection can serve another."""
         if reply.mode == "hang":
-            self.pause(conn, reply.hold)
+            self.pause(conn, reply.hold, reply.gate)
             return False
         if reply.status != 200:
             return self._answer_error(conn, reply)
@@ -536,11 +555,14 @@ class FakeProvider:
             stream.event(_chunk_body({"reasoning_content": piece}))
             if reply.keepalive:
                 stream.comment()
+        if reply.first:
+            self.pause(conn, reply.first)
+        stream.due = time.monotonic()
         if reply.mode != "empty":
             for index, piece in enumerate(reply.content(request.body)):
                 if reply.mode != "ok" and index == reply.fail_after:
                     return self._misbehave(conn, stream, reply)
-                stream.event(_chunk_body({"content": piece}))
+                stream.event(_content_event(piece))
                 self._after_token(conn, stream, reply, index)
             if reply.mode != "ok":
                 return self._misbehave(conn, stream, reply)
@@ -559,9 +581,11 @@ class FakeProvider:
         if index == 0 and reply.gate is not None:
             stream.flush()
             self.pause(conn, GATE_LIMIT, reply.gate, reply.gate_keepalive, stream.comment)
+            stream.due = time.monotonic()
         if reply.delay:
             stream.flush()
-            self.pause(conn, reply.delay)
+            stream.due += reply.delay
+            self.pause(conn, stream.due - time.monotonic())
         if reply.keepalive:
             stream.comment()
 
