@@ -9,11 +9,12 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,6 +374,54 @@ class Server:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.returncode
+
+
+def logged(
+    server: Server, text: str, count: int = 1, *, since: int = 0, timeout: float = 10.0
+) -> list[str]:
+    """Wait until at least `count` log lines from index `since` on contain text (a line is
+    read a moment after the server writes it); those lines. Check what a log must not hold
+    only after this."""
+    return wait_until(
+        lambda: (
+            (found := [line for line in server.logs[since:] if text in line])
+            and len(found) >= count
+            and found
+        ),
+        timeout,
+        what=f"{count} log line(s) with {text!r}",
+    )
+
+
+def sql_rows(server: Server, statement: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Run one statement on a server's own database, committed, and return its rows as
+    {column: value}: PostgreSQL when the server has a DATABASE_URL, else its SQLite file;
+    %s placeholders for either. The one way tests read or change stored rows."""
+    url = server.env.get("DATABASE_URL")
+    if url:
+        import psycopg2  # only the PostgreSQL setup needs the driver
+
+        pg = psycopg2.connect(url, connect_timeout=5)
+        try:
+            with pg, pg.cursor() as cur:
+                cur.execute(statement, tuple(params) or None)
+                return _as_dicts(cur)
+        finally:
+            pg.close()
+    lite = sqlite3.connect(server.env["CLOUDCHAT_DB_PATH"], timeout=10)
+    try:
+        with lite:
+            return _as_dicts(lite.execute(statement.replace("%s", "?"), tuple(params)))
+    finally:
+        lite.close()
+
+
+def _as_dicts(cursor: Any) -> list[dict[str, Any]]:
+    """A DB-API cursor's remaining rows as {column: value}; none for a statement without."""
+    if cursor.description is None:
+        return []
+    columns = [d[0] for d in cursor.description]
+    return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
 
 def register_and_login(

@@ -7,11 +7,10 @@ attacker with a stolen backup would, and check it against the schema's promises.
 from __future__ import annotations
 
 import re
-import sqlite3
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import Server
+from tests.helpers import Server, sql_rows
 
 PHONE_STORED_RE = re.compile(r"\+?[0-9]{5,20}")
 HASH_RE = re.compile(r"[0-9a-f]{64}")
@@ -19,40 +18,19 @@ HASH_RE = re.compile(r"[0-9a-f]{64}")
 
 def sql_tables(server: Server) -> dict[str, list[dict[str, Any]]]:
     """Every row of every table of the server's database, as {table: [{column: value}]}."""
-    tables: dict[str, list[dict[str, Any]]] = {}
-    if server.setup == "postgres":
-        import psycopg2
-
-        conn = psycopg2.connect(server.env["DATABASE_URL"], connect_timeout=5)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT table_name FROM information_schema.tables"
-                    " WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"
-                )
-                names = sorted(row[0] for row in cur.fetchall())
-                for name in names:
-                    cur.execute(f'SELECT * FROM "{name}"')
-                    columns = [d[0] for d in cur.description]
-                    tables[name] = [dict(zip(columns, row, strict=True)) for row in cur]
-        finally:
-            conn.close()
-        return tables
-    conn = sqlite3.connect(server.env["CLOUDCHAT_DB_PATH"], timeout=10)
-    try:
-        names = sorted(
-            row[0]
-            for row in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            )
+    if server.env.get("DATABASE_URL"):
+        listed = sql_rows(
+            server,
+            "SELECT table_name AS name FROM information_schema.tables"
+            " WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
         )
-        for name in names:
-            cur = conn.execute(f'SELECT * FROM "{name}"')
-            columns = [d[0] for d in cur.description]
-            tables[name] = [dict(zip(columns, row, strict=True)) for row in cur]
-    finally:
-        conn.close()
-    return tables
+    else:
+        listed = sql_rows(
+            server,
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+        )
+    names = sorted(row["name"] for row in listed)
+    return {name: sql_rows(server, f'SELECT * FROM "{name}"') for name in names}
 
 
 def sql_text(tables: dict[str, list[dict[str, Any]]]) -> str:

@@ -119,8 +119,7 @@ def test_bodyless_post_is_an_empty_object(server: Server) -> None:
     assert_error(client.post("/auth/register"), 400, "invalid_email")
     assert client.post("/auth/logout").status == 200
     response = client.post("/auth/login")
-    assert response.status in (400, 401), response
-    assert_error(response, response.status, ("invalid_input", "invalid_credentials"))
+    assert_error(response, 400, "invalid_input")
 
 
 def test_empty_json_body_is_not_a_5xx(server: Server) -> None:

@@ -23,6 +23,7 @@ from tests.helpers import (
     Server,
     assert_error,
     free_port,
+    logged,
     parse_set_cookie,
     random_email,
     random_hex,
@@ -490,10 +491,11 @@ def test_failure_after_tokens_ends_with_error_line(
     client = server.client()
     say(server, client, "before")
     fake.script(Reply(deltas=["par", "tial", " never"], mode=mode, fail_after=2))
+    since = len(server.logs)
     result = chat(server, client, "broken")
     assert_failed_mid_stream(result, "partial")
-    if mode == "stall":
-        assert result.response.elapsed < READ_TIMEOUT + 3, result.response.elapsed
+    if mode == "stall":  # ended by CHAT_READ_TIMEOUT, not by the client's own timeout
+        logged(server, "chat failed mid-answer: deepseek: stream went silent", since=since)
     say(server, client, "after")
     assert turns(fake.requests[-1]) == history("before", then="after")
 
@@ -544,10 +546,10 @@ def test_visitor_leaving_before_the_first_token_closes_upstream(
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         (request,) = fake.wait_requests(1)
-        left_at = time.monotonic()
+    # The deadline is far short of CHAT_READ_TIMEOUT (20 s); the log line names the cause.
     wait_until(request.connection.closed.is_set, 3, what="the provider connection to close")
     assert request.connection.client_closed
-    assert (request.connection.closed_at or 0) - left_at < 3
+    logged(srv, "visitor left before the first token: provider connection closed")
     wait_until(lambda: "POST /deepseek_chat 499" in srv.log_text(), 3, what="the 499 line")
     assert len(fake.requests) == 1
 
@@ -661,9 +663,12 @@ def test_bad_stream_before_first_token_is_provider_error(
 def test_silent_provider_is_unreachable(embedded: Server, fake: FakeProvider, mode: str) -> None:
     """No answer, or headers and then silence: 503 provider_unreachable after the read timeout."""
     fake.always(Reply(mode=mode))
+    since = len(embedded.logs)
     result = chat(embedded, embedded.client(), "hi")
     assert_error(result.response, 503, "provider_unreachable")
-    assert result.response.elapsed < READ_TIMEOUT + 3, result.response.elapsed
+    # Given up at CHAT_READ_TIMEOUT (the client would wait STREAM_TIMEOUT): the log says so.
+    cause = {"hang": "no answer: TimeoutError", "idle": "stream went silent"}[mode]
+    logged(embedded, f"chat provider failed before the first token: deepseek: {cause}", since=since)
 
 
 def test_connection_refused_is_unreachable(make_server: ServerFactory, fake: FakeProvider) -> None:
@@ -672,7 +677,7 @@ def test_connection_refused_is_unreachable(make_server: ServerFactory, fake: Fak
     srv = make_server.start("embedded", chat_env(fake, DEEPSEEK_BASE_URL=dead))
     result = chat(srv, srv.client(), "hi")
     assert_error(result.response, 503, "provider_unreachable")
-    assert result.response.elapsed < 3, result.response.elapsed
+    logged(srv, "chat provider failed before the first token: deepseek: connect failed:")
 
 
 @pytest.mark.parametrize("framing", ["extensions", "close"])
@@ -928,8 +933,10 @@ def test_no_upstream_connection_is_leaked(make_server: ServerFactory) -> None:
             Reply(mode="reset"),
             Reply(mode="truncate"),
         )
-        for n in range(12):
-            assert chat(srv, srv.client(), f"seq {n}").status in (200, 429, 502, 503)
+        statuses = [chat(srv, srv.client(), f"seq {n}").status for n in range(12)]
+        # 500 and an empty stream before any text: 502; 429 passed on; a failure after the
+        # first token: 200 with an error line; the echo once the script is used up: 200.
+        assert statuses == [502, 200, 200, 200, 200, 502, 429, 200, 200, 200, 200, 200]
         wait_until(
             lambda: own.open_connections() <= burst,
             3.0,
@@ -994,5 +1001,5 @@ def test_provider_closing_a_held_request_is_not_asked_again(
     sent = len(fake.requests)
     fake.script(Reply(mode="hang", hold=1.5))
     result = chat(server, client, "held")
-    assert result.status in (502, 503), result.lines
+    assert_error(result.response, 503, "provider_unreachable")
     assert len(fake.requests) == sent + 1  # asked once, not twice

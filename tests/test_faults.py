@@ -18,6 +18,7 @@ from tests.helpers import (
     HIGH_LIMITS,
     assert_error,
     free_port,
+    logged,
     random_email,
     register_and_login,
     run_cli,
@@ -166,13 +167,14 @@ def test_redis_outage_and_return(make_server: ServerFactory, private_redis: Priv
     private_redis.stop()
     # Sessions keep working from SQL.
     me = staying.me()
-    assert me.status == 200 and me.elapsed < 3, me
+    assert me.status == 200, me
     # ... and the log says so once, not once per request (each still has its access line).
     for _ in range(20):
         assert staying.me().status == 200
     wait_until(lambda: server.log_text().count("GET /auth/me 200") >= 23, 5, what="access lines")
     assert server.log_text().count("session cache unavailable") == 1, server.log_text()[-3000:]
-    # Rate-limited actions fail closed, quickly, as JSON.
+    # Rate-limited actions fail closed, as JSON, for the cause the log names (how quickly:
+    # bench/soak.py's redis-stop minute).
     for response in (
         server.client().login(email, password),
         server.client().register(random_email(), strong_password()),
@@ -180,10 +182,9 @@ def test_redis_outage_and_return(make_server: ServerFactory, private_redis: Priv
         server.client().post("/deepseek_chat", {"message": "hi"}),
     ):
         assert_error(response, 503, "unavailable")
-        assert response.elapsed < 3, response
+    logged(server, "dependency unavailable, answered 503: redis:")
     health = server.client().get("/auth/healthz")
     assert health.status == 503 and health.json() == {"ok": False, "redis": False, "db": True}
-    assert health.elapsed < 3
     # Logout still ends the session: SQL is the authority.
     assert leaving.post("/auth/logout").status == 200
     assert leaving.me().status == 401
@@ -249,10 +250,9 @@ def test_postgres_outage_and_return(
         server.client().register(lost := random_email(), strong_password()),
     ):
         assert_error(response, 503, "unavailable")
-        assert response.elapsed < 4, response
+    logged(server, "dependency unavailable, answered 503: database:")
     health = server.client().get("/auth/healthz")
     assert health.status == 503 and health.json() == {"ok": False, "redis": True, "db": False}
-    assert health.elapsed < 4
 
     private_postgres.start()
     wait_until(

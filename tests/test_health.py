@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import ServerFactory
-from tests.helpers import Server, SilentTcpServer, free_port
+from tests.helpers import Server, SilentTcpServer, free_port, wait_until
 
 
 def test_healthz_ok(server: Server) -> None:
@@ -30,27 +30,28 @@ def silent_listener() -> Iterator[int]:
         silent.close()
 
 
-def _assert_redis_down(srv: Server) -> None:
-    """Assert healthz says 503 with redis false and db true, within a few seconds."""
+def _assert_redis_down(srv: Server, cause: str) -> None:
+    """Assert healthz says 503 with redis false and db true, and the log line naming the cause
+    (the client's 15 s timeout is the deadline; how fast belongs to bench/soak.py)."""
     response = srv.client().get("/auth/healthz", timeout=15)
-    assert response.elapsed < 5, f"healthz took {response.elapsed:.1f}s"
     assert response.status == 503, response
     body = response.json()
     assert body["ok"] is False
     assert body["redis"] is False
     assert body["db"] is True
+    wait_until(lambda: cause in srv.log_text(), 5, what=f"the line {cause!r}")
 
 
 def test_healthz_with_redis_port_closed(make_server: ServerFactory) -> None:
     """REDIS_URL at a closed port: 503 with redis false, promptly."""
     srv = make_server.start("embedded", {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
-    _assert_redis_down(srv)
+    _assert_redis_down(srv, "health check: redis down: redis: Error 111 connecting")
 
 
 def test_healthz_with_redis_hanging(make_server: ServerFactory, silent_listener: int) -> None:
     """REDIS_URL at a server that never answers: 503 with redis false, promptly."""
     srv = make_server.start("embedded", {"REDIS_URL": f"redis://127.0.0.1:{silent_listener}/0"})
-    _assert_redis_down(srv)
+    _assert_redis_down(srv, "health check: redis down: redis: Timeout")
 
 
 def test_healthz_with_database_down(make_server: ServerFactory) -> None:
@@ -59,11 +60,12 @@ def test_healthz_with_database_down(make_server: ServerFactory) -> None:
         "postgres", {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nope"}
     )
     response = srv.client().get("/auth/healthz", timeout=15)
-    assert response.elapsed < 5, f"healthz took {response.elapsed:.1f}s"
     assert response.status == 503, response
     body = response.json()
     assert body["ok"] is False
     assert body["db"] is False
     assert body["redis"] is True
+    cause = "health check: db down: database:"
+    wait_until(lambda: cause in srv.log_text(), 5, what=f"the line {cause!r}")
     me = srv.client().me()
-    assert me.status in (401, 503), me
+    assert me.status == 401, me  # no session to look up: no database needed

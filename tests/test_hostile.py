@@ -7,10 +7,8 @@ file descriptors, RSS).
 
 from __future__ import annotations
 
-import itertools
 import resource
 import socket
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +20,7 @@ from tests.helpers import (
     Server,
     SilentTcpServer,
     assert_error,
+    logged,
     random_email,
     strong_password,
     wait_until,
@@ -39,7 +38,6 @@ from tests.test_chat import (
     turns,
 )
 
-PROMPT = 2.0  # seconds within which a normal request must be answered during an attack
 KIB_PER_MIB = 1024
 
 
@@ -50,12 +48,13 @@ def registered(server: Server) -> tuple[str, str]:
     return email, password
 
 
-def assert_served_promptly(server: Server, email: str, password: str) -> tuple[float, float]:
-    """GET /test and a login both answer within PROMPT seconds; their latencies."""
+def assert_served(server: Server, email: str, password: str) -> tuple[float, float]:
+    """GET /test and a login both answer; their latencies, printed for the record (how fast
+    under attack is bench/soak.py's slow-headers figure, not an assertion)."""
     test = server.client().get("/test", timeout=10)
-    assert test.status == 200 and test.elapsed < PROMPT, test
+    assert test.status == 200, test
     login = server.client().login(email, password)
-    assert login.status == 200 and login.elapsed < PROMPT, (login, login.elapsed)
+    assert login.status == 200, login
     return test.elapsed, login.elapsed
 
 
@@ -110,14 +109,16 @@ def test_slow_headers_and_slow_bodies_do_not_starve_others(make_server: ServerFa
             b"".join(b"1\r\n%c\r\n" % c for c in b'{"identifier": "' + b"a" * 400),
         )
         attack.start()
-        started = time.monotonic()
         everyone = len(attack.clients)
         during = wait_until(
             lambda: (s := server_stats(server))["connections"] >= everyone and s,
             5,
             what="the server to hold every attacker",
         )
-        latencies = [assert_served_promptly(server, email, password) for _ in range(3)]
+        latencies = [assert_served(server, email, password)]
+        # Served while the server still held every attacker, not after it cut them off.
+        assert not [c for c in attack.clients if c.closed_at is not None], "attackers cut first"
+        latencies += [assert_served(server, email, password) for _ in range(2)]
         print(f"during the attack: {during}; /test and login latencies: {latencies}")
 
         wait_until(
@@ -125,13 +126,14 @@ def test_slow_headers_and_slow_bodies_do_not_starve_others(make_server: ServerFa
             SLOW_TIMEOUT + 5,
             what="the server to cut off every slow client",
         )
+        # Cut off by HEADER_TIMEOUT and BODY_TIMEOUT (CLIENT_TIMEOUT is 30 s): the 400s are
+        # logged with their cause, the 408s say request_timeout.
+        logged(server, f"request headers took longer than {SLOW_TIMEOUT} s", ATTACKERS)
         for client in slow_headers:
             assert client.closed_at is not None
-            assert client.closed_at - started < SLOW_TIMEOUT + 2, client.closed_at - started
             assert client.answer.startswith(b"HTTP/1.1 400"), client.answer[:200]
         for client in slow_bodies + slow_chunks:
             assert client.closed_at is not None
-            assert client.closed_at - started < SLOW_TIMEOUT + 2, client.closed_at - started
             assert client.answer.startswith(b"HTTP/1.1 408"), client.answer[:200]
             assert b'"code":"request_timeout"' in client.answer, client.answer[:300]
     finally:
@@ -139,7 +141,7 @@ def test_slow_headers_and_slow_bodies_do_not_starve_others(make_server: ServerFa
     after = settled(server, baseline)
     print(f"stats before {baseline}, after {after}")
     assert after["open_fds"] <= baseline["open_fds"] + 2, (baseline, after)
-    assert_served_promptly(server, email, password)
+    assert_served(server, email, password)
 
 
 IDLE = 1000
@@ -183,8 +185,9 @@ def test_a_thousand_idle_connections(make_server: ServerFactory, fd_room: None) 
             10,
             what=f"the server to hold {IDLE} connections",
         )
-        latencies = [assert_served_promptly(server, email, password) for _ in range(3)]
+        latencies = [assert_served(server, email, password) for _ in range(3)]
         with_idle = server_stats(server)
+        assert with_idle["connections"] >= IDLE, with_idle  # served while all were held
     finally:
         for sock in idle:
             sock.close()
@@ -224,26 +227,26 @@ def test_smtp_relay_that_hangs_or_hangs_up(make_server: ServerFactory, relay_kin
         )
         baseline = server_stats(server)
         email, password = random_email(), strong_password()
-        started = time.monotonic()
+        attempts = MAIL_RETRIES + 1
+        failed = f"failed after {attempts} attempt(s)"
+
+        def mail_failed(kind: str) -> bool:
+            """The failure of the mail of this kind is in the log."""
+            return any(f"mail {kind} to" in line and failed in line for line in server.logs)
+
+        # Each answer comes before its mail has failed: nobody waits for the relay.
         registration = server.client().register(email, password)
-        assert registration.status == 201 and registration.elapsed < PROMPT, registration
+        assert registration.status == 201 and not mail_failed("welcome"), registration
         forgot = server.client().post("/auth/password/forgot", {"identifier": email})
-        assert forgot.status == 200 and forgot.elapsed < PROMPT, forgot
+        assert forgot.status == 200 and not mail_failed("reset"), forgot
         token = forgot.json()["debug_token"]
 
-        attempts = MAIL_RETRIES + 1
         budget = SMTP_TIMEOUT * attempts + RETRY_DELAY * MAIL_RETRIES + 2.0
-        failed = f"failed after {attempts} attempt(s)"
         wait_until(
-            lambda: all(
-                any(f"mail {kind} to" in line and failed in line for line in server.logs)
-                for kind in ("welcome", "reset")
-            ),
+            lambda: mail_failed("welcome") and mail_failed("reset"),
             budget + 5,
             what="both mail failures in the log",
         )
-        took = time.monotonic() - started
-        assert took < budget, f"the failures were logged after {took:.1f} s (budget {budget} s)"
         log = server.log_text()
         assert token not in log and "token=" not in log and password not in log
         assert len(relay.accepted) >= 2 * attempts, relay.accepted
@@ -262,19 +265,18 @@ def test_slow_provider_streams_to_the_end(make_server: ServerFactory, fake: Fake
     client = server.client()
     deltas = [f"t{n} " for n in range(10)]
     pause = 0.3
+    # The provider sends a delta every `pause` s on a fixed schedule: slower in all than the
+    # read timeout, never that slow between two reads.
+    assert len(deltas) * pause > 2 * READ_TIMEOUT and pause < READ_TIMEOUT
     fake.script(Reply(deltas=deltas, delay=pause))
-    arrivals = []
     with ChatStream(server, client, "slowly") as stream:
         assert stream.status == 200
         for expected in deltas:
             assert stream.next_text() == expected
-            arrivals.append(time.monotonic())
         result = stream.finish()
     assert_streamed(result, "".join(deltas))
-    took = result.response.elapsed
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert took > 2 * READ_TIMEOUT, f"{took:.1f} s: the provider was not slow enough to tell"
-    assert max(gaps) < READ_TIMEOUT, gaps
+    logged(server, "POST /deepseek_chat 200")
+    assert "chat failed" not in server.log_text()
     say(server, client, "next")
     assert turns(fake.requests[-1]) == [
         ("system", "You are a helpful assistant."),

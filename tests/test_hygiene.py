@@ -9,7 +9,7 @@ import pytest
 
 import cloudchat
 from tests.conftest import ServerFactory
-from tests.helpers import Client, base_env, free_port, run_cli, wait_until
+from tests.helpers import Client, base_env, free_port, logged, run_cli, wait_until
 
 
 def test_check_config_prints_masked_settings_and_exits_0(tmp_path: Path) -> None:
@@ -97,8 +97,9 @@ def test_database_password_never_reaches_the_log(make_server: ServerFactory) -> 
     srv = make_server.start("embedded", {"DATABASE_URL": url})
     for _ in range(2):
         assert srv.client().get("/auth/healthz").status == 503
-    srv.client().post("/auth/login", {"identifier": "a@example.com", "password": "x" * 9})
+    login = srv.client().post("/auth/login", {"identifier": "a@example.com", "password": "x" * 9})
     wait_until(lambda: "health check" in srv.log_text(), 10, what="the outage line")
+    logged(srv, f"rid={login.header('X-Request-ID')}")
     text = srv.log_text()
     for secret in ("S3cretHead", "TailPiece9", "S3cretHead%40TailPiece9"):
         assert secret not in text, text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import sqlite3
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,9 @@ from tests.helpers import (
     INVALID_CREDENTIALS,
     Server,
     assert_error,
+    logged,
     random_email,
+    sql_rows,
     strong_password,
     wait_until,
 )
@@ -56,49 +57,10 @@ def server(
     yield from shared_server(request, tmp_path_factory, {**HIGH_LIMITS, **SITE, **sink.env()})
 
 
-def sql_run(server: Server, statement: str) -> None:
-    """Run one statement on the server's own database, as an operator would."""
-    if server.setup == "postgres":
-        import psycopg2
-
-        conn = psycopg2.connect(server.env["DATABASE_URL"])
-        try:
-            with conn, conn.cursor() as cur:
-                cur.execute(statement)
-        finally:
-            conn.close()
-    else:
-        conn = sqlite3.connect(server.env["CLOUDCHAT_DB_PATH"], timeout=10)
-        try:
-            with conn:
-                conn.execute(statement)
-        finally:
-            conn.close()
-
-
 def sql_dump(server: Server) -> str:
     """Every row of every table, as text."""
     tables = ("users", "credentials", "sessions", "password_resets")
-    rows: list[Any] = []
-    if server.setup == "postgres":
-        import psycopg2
-
-        conn = psycopg2.connect(server.env["DATABASE_URL"])
-        try:
-            with conn.cursor() as cur:
-                for table in tables:
-                    cur.execute(f"SELECT * FROM {table}")
-                    rows.extend(cur.fetchall())
-        finally:
-            conn.close()
-    else:
-        conn = sqlite3.connect(server.env["CLOUDCHAT_DB_PATH"], timeout=10)
-        try:
-            for table in tables:
-                rows.extend(conn.execute(f"SELECT * FROM {table}").fetchall())
-        finally:
-            conn.close()
-    return repr(rows)
+    return repr([sql_rows(server, f"SELECT * FROM {table}") for table in tables])
 
 
 def new_account(server: Server, mail: MailSink) -> tuple[str, str]:
@@ -163,6 +125,7 @@ def test_reset_flow_end_to_end(server: Server, mail: MailSink) -> None:
     body = assert_error(again, 400, "invalid_token")
     assert body["error"] == "Token invalid or expired"
 
+    logged(server, f"rid={again.header('X-Request-ID')}")
     assert token not in server.log_text()
     assert token not in sql_dump(server)
 
@@ -196,7 +159,7 @@ def test_new_token_voids_the_older_one(server: Server, mail: MailSink) -> None:
 def test_expired_token_is_refused(server: Server, mail: MailSink) -> None:
     email, _ = new_account(server, mail)
     token = request_reset(server, mail, email)
-    sql_run(server, "UPDATE password_resets SET expires_at = created_at")
+    sql_rows(server, "UPDATE password_resets SET expires_at = created_at")
     answer = server.client().post(
         "/auth/password/reset", {"token": token, "password": strong_password()}
     )
@@ -337,7 +300,8 @@ def test_debug_token_in_development(make_server: ServerFactory) -> None:
     unknown = server.client().post("/auth/password/forgot", {"identifier": random_email()})
     assert unknown.json() == {"ok": True}
     # Without SMTP_HOST the mail goes to the log, its token redacted.
-    assert "reset_password?token=[redacted]" in server.log_text()
+    logged(server, "reset_password?token=[redacted]")
+    logged(server, f"rid={unknown.header('X-Request-ID')}")
     assert answer["debug_token"] not in server.log_text()
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import cloudchat
 from tests.conftest import shared_server
-from tests.helpers import HIGH_LIMITS, Server, register_and_login
+from tests.helpers import HIGH_LIMITS, Server, logged, register_and_login
 
 HIDDEN = b"GET /test HTTP/1.1\r\nHost: x\r\nX-Hidden: 1\r\n\r\n"
 
@@ -113,10 +113,13 @@ def test_header_block_is_capped(server: Server, lines: int, size: int, status: b
 
 def test_refused_framing_is_an_info_line_without_traceback(server: Server) -> None:
     """Point 2: a client's bad framing is its error: an INFO line, never a traceback."""
+    since = len(server.logs)
     exchange(
         server.port,
         b"POST /test HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: br\r\n\r\n",
     )
+    line = logged(server, "Transfer-Encoding", since=since)[-1]
+    assert " INFO " in line, line
     assert "Traceback" not in server.log_text()
 
 

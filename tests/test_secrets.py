@@ -29,6 +29,7 @@ from tests.helpers import (
     Response,
     Server,
     assert_error,
+    logged,
     random_email,
     random_hex,
     strong_password,
@@ -120,8 +121,8 @@ def test_no_secret_is_stored_in_clear(server: Server, request: pytest.FixtureReq
     assert change.status == 200, change
     assert client.me().status == 200
     # Issued after the change, which ends every reset link out before it.
-    second = server.client().post("/auth/password/forgot", {"identifier": email}).json()
-    found["reset token (live)"] = second["debug_token"]
+    second = server.client().post("/auth/password/forgot", {"identifier": email})
+    found["reset token (live)"] = second.json()["debug_token"]
 
     tables = sql_tables(server)
     text = sql_text(tables)
@@ -152,6 +153,7 @@ def test_no_secret_is_stored_in_clear(server: Server, request: pytest.FixtureReq
         leaks = [name for name, secret in found.items() if secret.encode() in raw]
         assert not leaks, f"in clear in the SQLite files: {leaks}"
 
+    logged(server, f"rid={second.header('X-Request-ID')}")  # the last request's line is in
     log = server.log_text()
     leaks = [name for name, secret in found.items() if secret in log]
     assert not leaks, f"in clear in the log: {leaks}"
@@ -269,6 +271,7 @@ PAYLOADS = [
     "' UNION SELECT secret FROM credentials --",
     "' || (SELECT secret FROM credentials LIMIT 1) || '",
     "'; SELECT pg_sleep(3); --",
+    "'; CREATE TABLE injected (x int); --",  # a trace only an injection could leave
     "1; UPDATE users SET is_active = false",
     "%s",
     "%(email)s",
@@ -295,9 +298,8 @@ FIELDS = {
 
 
 def _assert_json_answer(response: Response, what: str) -> None:
-    """Not a 5xx, quick, and either an ok answer or the error envelope."""
+    """Not a 5xx, and either an ok answer or the error envelope."""
     assert response.status < 500, f"{response!r} for {what}"
-    assert response.elapsed < 2.5, f"{response.elapsed:.1f} s for {what}"
     if response.status >= 400:
         body = response.json()
         assert body.get("ok") is False and isinstance(body.get("code"), str), f"{body} {what}"
@@ -354,6 +356,8 @@ def test_sql_metacharacters_and_nul_in_every_field(server: Server) -> None:
                     stored.append(body["email"].strip().lower())
 
     after = sql_tables(server)
+    # An injected statement would have left its table (what a pg_sleep would only show as time).
+    assert "injected" not in after, sorted(after)
     emails = {user["email"] for user in after["users"]}
     assert before <= emails, f"users gone: {before - emails}"
     assert set(stored) <= emails, f"not stored as sent: {set(stored) - emails}"

@@ -9,8 +9,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PgDatabases, RedisDb, ServerFactory
-from tests.helpers import Server, random_email, random_hex, random_phone, register_and_login
+from tests.conftest import RedisDb, ServerFactory
+from tests.helpers import (
+    Server,
+    random_email,
+    random_hex,
+    random_phone,
+    register_and_login,
+    sql_rows,
+)
 
 
 @pytest.fixture
@@ -116,24 +123,20 @@ def test_get_user_by_email(pg_server: Server, stores: tuple[Any, Any, Any]) -> N
 
 
 def test_session_row_stores_only_a_hash_and_expires(
-    make_server: ServerFactory, pg: PgDatabases, redis_db: RedisDb
+    make_server: ServerFactory, redis_db: RedisDb
 ) -> None:
     """The cookie value is never stored; the row's expiry is SESSION_TTL_SECONDS and enforced."""
     srv = make_server.start("postgres", {"SESSION_TTL_SECONDS": "3600"})
     client, _, _ = register_and_login(srv)
     session_id = client.cookies["cc_auth"]
-    conn = pg.connect(srv.env["DATABASE_URL"])
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT id_hash, extract(epoch FROM expires_at - created_at) FROM sessions")
-            rows = cur.fetchall()
-            assert len(rows) == 1, rows
-            id_hash, ttl = rows[0]
-            assert session_id not in id_hash
-            assert abs(float(ttl) - 3600) < 60, ttl
-            cur.execute("UPDATE sessions SET expires_at = now() - interval '1 second'")
-    finally:
-        conn.close()
+    rows = sql_rows(
+        srv, "SELECT id_hash, extract(epoch FROM expires_at - created_at) AS ttl FROM sessions"
+    )
+    assert len(rows) == 1, rows
+    id_hash, ttl = rows[0]["id_hash"], rows[0]["ttl"]
+    assert session_id not in id_hash
+    assert abs(float(ttl) - 3600) < 60, ttl
+    sql_rows(srv, "UPDATE sessions SET expires_at = now() - interval '1 second'")
     redis_db.flush()
     assert client.me().status == 401
 

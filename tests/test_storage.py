@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
@@ -20,36 +18,10 @@ from tests.helpers import (
     random_phone,
     register_and_login,
     run_cli,
+    sql_rows,
     strong_password,
     wait_until,
 )
-
-Query = Callable[[Server, str, tuple[Any, ...]], list[tuple[Any, ...]]]
-
-
-@pytest.fixture
-def query(request: pytest.FixtureRequest) -> Query:
-    """Run one SQL statement (with %s placeholders) on a server's own database."""
-
-    def run(server: Server, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Execute and return the rows (empty for statements without any)."""
-        if "DATABASE_URL" in server.env:
-            conn = request.getfixturevalue("pg").connect(server.env["DATABASE_URL"])
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(sql, params)
-                    return cur.fetchall() if cur.description else []
-            finally:
-                conn.close()
-        conn = sqlite3.connect(server.env["CLOUDCHAT_DB_PATH"], timeout=10)
-        try:
-            with conn:
-                rows = conn.execute(sql.replace("%s", "?"), params).fetchall()
-            return rows
-        finally:
-            conn.close()
-
-    return run
 
 
 def _concurrently(count: int, action: Callable[[int], Response]) -> list[Response]:
@@ -93,15 +65,13 @@ def test_deactivate_names_an_unknown_account(server: Server) -> None:
 
 
 @pytest.mark.parametrize("setup", SETUPS)
-def test_deactivation_in_sql_reaches_live_sessions(
-    make_server: ServerFactory, query: Query, setup: str
-) -> None:
+def test_deactivation_in_sql_reaches_live_sessions(make_server: ServerFactory, setup: str) -> None:
     """An account deactivated straight in SQL: logins fail at once; a live session ends
     within SESSION_CACHE_SECONDS with Redis, at once with the embedded store."""
     server = make_server.start(setup, {"SESSION_CACHE_SECONDS": "1"})
     client, email, password = register_and_login(server)
     assert client.me().status == 200
-    query(server, "UPDATE users SET is_active = false WHERE email = %s", (email,))
+    sql_rows(server, "UPDATE users SET is_active = false WHERE email = %s", (email,))
     response = server.client().login(email, password)
     assert response.status == 401
     assert response.json() == INVALID_CREDENTIALS
@@ -114,21 +84,21 @@ def test_deactivation_in_sql_reaches_live_sessions(
 
 @pytest.mark.parametrize("setup", SETUPS)
 def test_old_argon2_parameters_are_rehashed_on_login(
-    make_server: ServerFactory, query: Query, setup: str
+    make_server: ServerFactory, setup: str
 ) -> None:
     """A hash made with older Argon2 parameters is replaced by a current one at login."""
     old = make_server.start(setup)
     email, password = random_email(), strong_password()
     assert old.client().register(email, password).status == 201
     sql = "SELECT c.secret FROM credentials c JOIN users u ON u.id = c.user_id WHERE u.email = %s"
-    (before,) = query(old, sql, (email,))[0]
+    (before,) = sql_rows(old, sql, (email,))[0].values()
     assert "t=1" in before and password not in before
     old.stop()
     new = make_server.launch(setup, {**old.env, "ARGON2_TIME_COST": "2"}, old.workdir)
     assert new.client().login(email, "wrong-" + password).status == 401
-    assert query(new, sql, (email,))[0][0] == before
+    assert sql_rows(new, sql, (email,))[0]["secret"] == before
     assert new.client().login(email, password).status == 200
-    (after,) = query(new, sql, (email,))[0]
+    (after,) = sql_rows(new, sql, (email,))[0].values()
     assert after != before and "t=2" in after
     assert new.client().login(email, password).status == 200
 
@@ -156,15 +126,13 @@ def test_concurrent_registrations_of_one_phone(server: Server) -> None:
     assert all(r.json()["code"] == "phone_taken" for r in results if r.status == 409)
 
 
-def test_pooled_connections_killed_by_postgres_are_replaced(
-    make_server: ServerFactory, query: Query
-) -> None:
+def test_pooled_connections_killed_by_postgres_are_replaced(make_server: ServerFactory) -> None:
     """A restart or PgBouncer timeout closes idle connections: none is lent out dead."""
     server = make_server.start("postgres", {"DB_POOL_SIZE": "3"})
     client, _, _ = register_and_login(server)
     assert client.me().status == 200
     dbname = server.env["DATABASE_URL"].rsplit("/", 1)[1]
-    killed = query(
+    killed = sql_rows(
         server,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
         " WHERE datname = %s AND pid <> pg_backend_pid()",
@@ -174,12 +142,13 @@ def test_pooled_connections_killed_by_postgres_are_replaced(
 
     def backends_gone() -> bool:
         """pg_terminate_backend only signals: wait until the backends have exited."""
-        rows = query(
+        rows = sql_rows(
             server,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            "SELECT count(*) AS n FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
             (dbname,),
         )
-        return rows[0][0] == 0
+        return rows[0]["n"] == 0
 
     wait_until(backends_gone, 10, what="the terminated backends to exit")
     for _ in range(3):
