@@ -1078,15 +1078,25 @@ def open_sql_store(cfg: Config) -> SqlStore:
     return SqliteStore(cfg.db_path, cfg.db_timeout)
 
 
-def _user_from_row(row: tuple) -> dict[str, Any]:
-    return {
-        "id": row[0],
-        "uid": str(row[1]),
-        "email": row[2],
-        "phone": row[3],
-        "display_name": row[4],
-        "is_active": bool(row[5]),
-    }
+@dataclasses.dataclass(frozen=True)
+class User:
+    """An account as the server works with it (never its password), whichever database or
+    the session cache it came from."""
+
+    id: int
+    uid: str
+    email: str
+    phone: str | None
+    display_name: str | None
+    is_active: bool
+
+    def public(self) -> dict[str, Any]:
+        """The `user` object of GET /auth/me."""
+        return dataclasses.asdict(self)
+
+
+def _user_from_row(row: tuple) -> User:
+    return User(int(row[0]), str(row[1]), row[2], row[3], row[4], bool(row[5]))
 
 
 _USER_COLUMNS = "u.id, u.uid, u.email, u.phone, u.display_name, u.is_active"
@@ -1112,13 +1122,13 @@ def insert_user(
     return int(row[0])
 
 
-def get_user_by_id(sql: SqlStore, user_id: int) -> dict[str, Any] | None:
+def get_user_by_id(sql: SqlStore, user_id: int) -> User | None:
     """The user with this internal id, or None."""
     row = sql.one(f"SELECT {_USER_COLUMNS} FROM users u WHERE u.id = %s", (user_id,))
     return _user_from_row(row) if row else None
 
 
-def get_user_by_email(sql: SqlStore, email: str) -> dict[str, Any] | None:
+def get_user_by_email(sql: SqlStore, email: str) -> User | None:
     """The user with this (normalised) email, or None."""
     row = sql.one(f"SELECT {_USER_COLUMNS} FROM users u WHERE lower(u.email) = %s", (email,))
     return _user_from_row(row) if row else None
@@ -1126,7 +1136,7 @@ def get_user_by_email(sql: SqlStore, email: str) -> dict[str, Any] | None:
 
 def get_password_login(
     sql: SqlStore, email: str | None, phone: str | None
-) -> tuple[dict[str, Any], str] | None:
+) -> tuple[User, str] | None:
     """The user and password hash for a login by email or phone, or None."""
     row = sql.one(
         f"SELECT {_USER_COLUMNS}, c.secret FROM users u"
@@ -1168,7 +1178,7 @@ def insert_session(
         )
 
 
-def get_live_session_user(sql: SqlStore, id_hash: str) -> tuple[dict[str, Any], dt.datetime] | None:
+def get_live_session_user(sql: SqlStore, id_hash: str) -> tuple[User, dt.datetime] | None:
     """(user, expiry) of an unrevoked, unexpired session, or None; the user may be inactive."""
     row = sql.one(
         f"SELECT {_USER_COLUMNS}, s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id"
@@ -2152,7 +2162,7 @@ def _cache_session(
     cfg: Config,
     kv: KeyValueStore,
     id_hash: str,
-    user: dict[str, Any],
+    user: User,
     expires_at: dt.datetime,
     unreadable: str | None = None,
 ) -> None:
@@ -2168,7 +2178,9 @@ def _cache_session(
     ttl = min(cfg.session_cache_seconds, int((expires_at - utcnow()).total_seconds()))
     if not kv.shared or ttl <= 0:
         return
-    value = json.dumps({name: user[name] for name in _CACHED_USER_FIELDS}, separators=(",", ":"))
+    value = json.dumps(
+        {name: getattr(user, name) for name in _CACHED_USER_FIELDS}, separators=(",", ":")
+    )
     key = _session_cache_key(id_hash)
     try:
         if unreadable is None:
@@ -2179,7 +2191,7 @@ def _cache_session(
         outage_log.warning("session cache not filled", exc)
 
 
-def _user_from_cache(value: str) -> dict[str, Any] | None:
+def _user_from_cache(value: str) -> User | None:
     """The user a cached session holds; None for anything else (an older format, say)."""
     try:
         cached = json.loads(value)
@@ -2187,12 +2199,14 @@ def _user_from_cache(value: str) -> dict[str, Any] | None:
         return None
     if not isinstance(cached, dict) or cached.keys() != _CACHED_USER_KEYS:
         return None
-    cached["is_active"] = True  # only active users are cached
-    return cached
+    try:
+        return User(**cached, is_active=True)  # only active users are cached
+    except TypeError:
+        return None
 
 
 def create_session(
-    sql: SqlStore, kv: KeyValueStore, cfg: Config, user: dict[str, Any], user_agent: str, ip: str
+    sql: SqlStore, kv: KeyValueStore, cfg: Config, user: User, user_agent: str, ip: str
 ) -> str:
     """Start a session for an active user: durable row, warm cache; return the cookie's id."""
     token = new_token()
@@ -2201,7 +2215,7 @@ def create_session(
     insert_session(
         sql,
         id_hash,
-        user["id"],
+        user.id,
         # Client-written: no control characters (PostgreSQL refuses NUL), bounded length.
         "".join(c for c in user_agent[:256] if c.isprintable()),
         ip,
@@ -2211,9 +2225,7 @@ def create_session(
     return token
 
 
-def get_session_user(
-    sql: SqlStore, kv: KeyValueStore, cfg: Config, token: str
-) -> dict[str, Any] | None:
+def get_session_user(sql: SqlStore, kv: KeyValueStore, cfg: Config, token: str) -> User | None:
     """The active user of a live session: from the cache, else from SQL; None otherwise."""
     id_hash = token_hash(token)
     cached = None
@@ -2229,7 +2241,7 @@ def get_session_user(
         if user is not None:
             return user
     found = get_live_session_user(sql, id_hash)
-    if found is None or not found[0]["is_active"]:
+    if found is None or not found[0].is_active:
         return None
     user, expires_at = found
     _cache_session(cfg, kv, id_hash, user, expires_at, unreadable=cached)
@@ -2920,9 +2932,9 @@ def echo_events(message: str) -> Iterator[list[tuple[str, Any]]]:
         yield [("text", word if index == len(words) - 1 else word + " ")]
 
 
-def history_owner(user: dict[str, Any] | None, visitor: str | None) -> str | None:
+def history_owner(user: User | None, visitor: str | None) -> str | None:
     """Whose history a chat joins: the account when logged in, else the visitor id."""
-    return f"user:{user['id']}" if user is not None else visitor
+    return f"user:{user.id}" if user is not None else visitor
 
 
 def _history_key(owner: str) -> str:
@@ -3629,7 +3641,7 @@ def auth_token(cfg: Config) -> str | None:
     return token if token and len(token) <= 128 else None
 
 
-def current_user(s: Services) -> dict[str, Any] | None:
+def current_user(s: Services) -> User | None:
     """The active user of the request's session, or None."""
     token = auth_token(s.cfg)
     return get_session_user(s.sql, s.kv, s.cfg, token) if token else None
@@ -3693,20 +3705,20 @@ def issue_password_reset(s: Services, email: str | None, phone: str | None) -> s
     """Store a reset token for the account and mail its link, within the account's limit
     (email and phone alike); the token, or None."""
     found = get_password_login(s.sql, email, phone)
-    if found is None or not found[0]["is_active"]:
+    if found is None or not found[0].is_active:
         log.info("password reset: no active account for the identifier, nothing sent")
         return None
     user = found[0]
     # Counted only for an account that exists: a counter per unknown address named would
     # let anyone fill Redis, and the answer (always 200) is the same either way.
-    account = LimitCheck(s.cfg.rate_forgot_identifier, "forgot_id", f"user:{user['id']}")
+    account = LimitCheck(s.cfg.rate_forgot_identifier, "forgot_id", f"user:{user.id}")
     if over_rate_limits(s.kv, [account]) is not None:
         log.info("password reset: over the rate limit of the account, nothing sent")
         return None
     token = new_token()
     expires_at = utcnow() + dt.timedelta(seconds=s.cfg.pwreset_token_ttl)
-    replace_reset_token(s.sql, user["id"], token_hash(token), expires_at)
-    s.mailer.send(reset_mail(s.cfg, user["email"], token))
+    replace_reset_token(s.sql, user.id, token_hash(token), expires_at)
+    s.mailer.send(reset_mail(s.cfg, user.email, token))
     return token
 
 
@@ -3772,7 +3784,7 @@ def login(s: Services) -> dict[str, Any]:
     # phone alike); every path below costs one password check, so neither the answer
     # nor its timing tells an unknown account, a wrong password or a limit apart.
     found = get_password_login(s.sql, email, phone) if (email or phone) else None
-    account_id = found[0]["id"] if found else None
+    account_id = found[0].id if found else None
     device = (
         device_nonce(s.secret, read_cookie(DEVICE_COOKIE_NAME), account_id)
         if account_id is not None
@@ -3782,10 +3794,10 @@ def login(s: Services) -> dict[str, Any]:
         s.hasher.spend_one_verification(password)
         raise ApiError(401, *INVALID_CREDENTIALS)
     user, password_hash = found
-    if not s.hasher.verify(password_hash, password) or not user["is_active"]:
+    if not s.hasher.verify(password_hash, password) or not user.is_active:
         raise ApiError(401, *INVALID_CREDENTIALS)
     if s.hasher.needs_rehash(password_hash):
-        update_password_hash(s.sql, user["id"], s.hasher.hash(password))
+        update_password_hash(s.sql, user.id, s.hasher.hash(password))
     previous = auth_token(cfg)
     if previous:
         # Never keep a session id from before the login (fixation): end it.
@@ -3795,7 +3807,7 @@ def login(s: Services) -> dict[str, Any]:
     token = create_session(s.sql, s.kv, cfg, user, user_agent, ip)
     _set_auth_cookie(cfg, token, cfg.session_ttl)
     if device is None:
-        cookie = new_device_cookie(s.secret, user["id"])
+        cookie = new_device_cookie(s.secret, user.id)
         set_cookie(cfg, DEVICE_COOKIE_NAME, cookie, DEVICE_COOKIE_SECONDS)
     # The account's history from now on; the next person on this browser starts afresh.
     set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
@@ -3816,9 +3828,9 @@ def logout(s: Services) -> dict[str, Any]:
     return {"ok": True}
 
 
-def me(s: Services, user: dict[str, Any]) -> dict[str, Any]:
+def me(s: Services, user: User) -> dict[str, Any]:
     """GET /auth/me: the signed-in user."""
-    return {"ok": True, "user": user}
+    return {"ok": True, "user": user.public()}
 
 
 # -- handlers: passwords -----------------------------------------------------------------
@@ -3867,7 +3879,7 @@ def reset_password(s: Services) -> dict[str, Any]:
     owner = get_user_by_id(s.sql, owner_id) if owner_id is not None else None
     if owner is None:
         raise invalid
-    if s.passwords.problem(password, owner["email"]):
+    if s.passwords.problem(password, owner.email):
         raise weak
     user_id = consume_reset_token(s.sql, id_hash, s.hasher.hash(password))
     if user_id is None:
@@ -3875,11 +3887,11 @@ def reset_password(s: Services) -> dict[str, Any]:
     revoked = revoke_user_sessions(s.sql, s.kv, cfg, user_id) if cfg.pwreset_revoke_sessions else 0
     user = get_user_by_id(s.sql, user_id)
     if user:
-        s.mailer.send(password_changed_mail(cfg, user["email"]))
+        s.mailer.send(password_changed_mail(cfg, user.email))
     return {"ok": True, "revoked_sessions": revoked}
 
 
-def change_password(s: Services, user: dict[str, Any]) -> dict[str, Any]:
+def change_password(s: Services, user: User) -> dict[str, Any]:
     """POST /auth/password/change: the signed-in user's new password; other sessions end."""
     cfg = s.cfg
     body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
@@ -3887,7 +3899,7 @@ def change_password(s: Services, user: dict[str, Any]) -> dict[str, Any]:
     new = str_field(body, "new_password") or ""
     if not current or not new:
         raise ApiError(400, "invalid_input", "current_password and new_password are required")
-    problem = s.passwords.problem(new, user["email"])
+    problem = s.passwords.problem(new, user.email)
     if problem:
         raise ApiError(400, "weak_password", problem)
     # A wrong current password is a password guess: it counts like a login attempt, on
@@ -3899,12 +3911,12 @@ def change_password(s: Services, user: dict[str, Any]) -> dict[str, Any]:
     ]
     if over_rate_limits(s.kv, checks) is not None:
         raise ApiError(401, *INVALID_CREDENTIALS)
-    found = get_password_login(s.sql, user["email"], None)
+    found = get_password_login(s.sql, user.email, None)
     if found is None or not s.hasher.verify(found[1], current):
         raise ApiError(401, *INVALID_CREDENTIALS)
-    update_password_hash(s.sql, user["id"], s.hasher.hash(new))
-    revoked = revoke_user_sessions(s.sql, s.kv, cfg, user["id"], keep_token=auth_token(cfg))
-    s.mailer.send(password_changed_mail(cfg, user["email"]))
+    update_password_hash(s.sql, user.id, s.hasher.hash(new))
+    revoked = revoke_user_sessions(s.sql, s.kv, cfg, user.id, keep_token=auth_token(cfg))
+    s.mailer.send(password_changed_mail(cfg, user.email))
     return {"ok": True, "revoked_sessions": revoked}
 
 

@@ -95,11 +95,11 @@ def test_revoke_user_sessions_ends_all_of_them_at_once(
     user = cloudchat.get_user_by_email(sql, email)
     assert user is not None
     cfg = cloudchat.Config.from_env(dict(pg_server.env))
-    assert cloudchat.revoke_user_sessions(sql, kv, cfg, user["id"]) == 2
+    assert cloudchat.revoke_user_sessions(sql, kv, cfg, user.id) == 2
     assert first.me().status == 401
     assert second.me().status == 401
     assert bystander.me().status == 200
-    assert cloudchat.revoke_user_sessions(sql, kv, cfg, user["id"]) == 0
+    assert cloudchat.revoke_user_sessions(sql, kv, cfg, user.id) == 0
     fresh = pg_server.client()
     assert fresh.login(email, password).status == 200
     assert fresh.me().status == 200
@@ -112,13 +112,13 @@ def test_get_user_by_email(pg_server: Server, stores: tuple[Any, Any, Any]) -> N
     client, email, _ = register_and_login(pg_server, phone=formatted, display_name="Api User")
     user = cloudchat.get_user_by_email(sql, email)
     assert user is not None
-    assert {"id", "uid", "email", "phone", "display_name", "is_active"} <= set(user)
-    assert user["email"] == email
-    assert user["display_name"] == "Api User"
-    assert re.sub(r"\D", "", user["phone"]) == digits
-    assert user["is_active"] in (True, 1)
+    assert {"id", "uid", "email", "phone", "display_name", "is_active"} <= set(user.public())
+    assert user.email == email
+    assert user.display_name == "Api User"
+    assert re.sub(r"\D", "", user.phone) == digits
+    assert user.is_active in (True, 1)
     me = client.me().json()["user"]
-    assert str(user["uid"]) == str(me["uid"])
+    assert str(user.uid) == str(me["uid"])
     assert cloudchat.get_user_by_email(sql, random_email()) is None
 
 
