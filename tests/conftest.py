@@ -11,6 +11,7 @@ import pytest
 
 from tests.fakeprovider import FakeProvider
 from tests.helpers import HIGH_LIMITS, SCHEMA, Server, base_env, random_hex
+from tests.mailsink import MailSink
 
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
@@ -295,3 +296,20 @@ def fake(provider: FakeProvider) -> Iterator[FakeProvider]:
     provider.clear()
     yield provider
     provider.clear()
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[MailSink]:
+    """One plain SMTP sink per test module; cleared per test by `mail`."""
+    smtp = MailSink()
+    try:
+        yield smtp
+    finally:
+        smtp.stop()
+
+
+@pytest.fixture
+def mail(sink: MailSink) -> MailSink:
+    """The module's SMTP sink, emptied for this test."""
+    sink.clear()
+    return sink

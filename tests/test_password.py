@@ -32,23 +32,6 @@ SITE = {
 }
 
 
-@pytest.fixture(scope="module")
-def sink() -> Iterator[MailSink]:
-    """One plain SMTP sink for the module; cleared per test by `mail`."""
-    server = MailSink()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def mail(sink: MailSink) -> MailSink:
-    """The module's SMTP sink, emptied for this test."""
-    sink.clear()
-    return sink
-
-
 @pytest.fixture(scope="module", params=SETUPS)
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, sink: MailSink
