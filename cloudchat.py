@@ -752,6 +752,10 @@ class StoreUnavailable(Exception):
     """A storage dependency (SQL or key-value) did not answer in time; becomes a 503."""
 
 
+class SchemaVersionError(Exception):
+    """The database's schema is newer than this server, or (PostgreSQL) older than it."""
+
+
 class DuplicateError(Exception):
     """An insert hit a uniqueness constraint; `constraint` names it as the database did."""
 
@@ -813,7 +817,23 @@ CREATE TABLE IF NOT EXISTS server_secrets (
     value        TEXT NOT NULL,
     created_at   TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version      INTEGER PRIMARY KEY,
+    description  TEXT NOT NULL,
+    applied_at   TEXT NOT NULL
+);
 """
+
+# The schema's version history, forward only: (version, what changed, the step for
+# PostgreSQL, the step for SQLite). Version 1 is the first release's schema. A new database
+# gets the whole current schema (schema.sql, SQLITE_SCHEMA) and every version recorded; an
+# existing one runs the steps it lacks (an empty step: the CREATE ... IF NOT EXISTS of the
+# whole schema did it). The next change appends a step here and edits both schemas.
+MIGRATIONS: tuple[tuple[int, str, str, str], ...] = (
+    (1, "users, credentials, sessions, password resets", "", ""),
+    (2, "server_secrets: the key that signs cookies in development", "", ""),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 SCHEMA_LOCK_KEY = 0x636C6F7564  # "cloud": pg_advisory_xact_lock key of `initdb`
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
@@ -987,7 +1007,9 @@ class PostgresStore(SqlStore):
             # Two instances starting at once would race on CREATE ... IF NOT EXISTS (which
             # is not atomic in the catalog); the lock lets one apply and the other find it.
             tx.run("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+            existed = tx.one("SELECT to_regclass('users') IS NOT NULL")[0]
             tx.run(script)
+            upgrade_schema(tx, bool(existed), sqlite=False)
 
     def close(self) -> None:
         while self._idle:
@@ -1058,7 +1080,12 @@ class SqliteStore(SqlStore):
 
     def apply_schema(self, script: str) -> None:
         with self._lock:
+            existed = self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'users'"
+            ).fetchone()
             self._conn.executescript(script)
+        with self.transaction() as tx:
+            upgrade_schema(tx, existed is not None, sqlite=True)
 
     def close(self) -> None:
         with self._lock:
@@ -1093,6 +1120,34 @@ class User:
     def public(self) -> dict[str, Any]:
         """The `user` object of GET /auth/me."""
         return dataclasses.asdict(self)
+
+
+def upgrade_schema(tx: SqlTx, existed: bool, sqlite: bool) -> None:
+    """Run the migration steps an existing database lacks and record every version; a
+    database newer than this server is refused (SchemaVersionError)."""
+    row = tx.one("SELECT max(version) FROM schema_migrations")
+    current = row[0] if row and row[0] is not None else (1 if existed else 0)
+    if current > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the database's schema is version {current}, newer than this server's"
+            f" {SCHEMA_VERSION}: run the release that made it (or a newer one)"
+        )
+    for version, description, postgres_step, sqlite_step in MIGRATIONS:
+        if version < current or (version == current and row and row[0] is not None):
+            continue
+        step = sqlite_step if sqlite else postgres_step
+        if existed and version > 1 and step:
+            tx.run(step)
+        tx.run(
+            "INSERT INTO schema_migrations (version, description, applied_at) VALUES (%s, %s, %s)",
+            (version, description, utcnow()),
+        )
+
+
+def get_schema_version(sql: SqlStore) -> int:
+    """The newest schema version recorded in the database (0: none)."""
+    row = sql.one("SELECT max(version) FROM schema_migrations")
+    return int(row[0]) if row and row[0] is not None else 0
 
 
 def _user_from_row(row: tuple) -> User:
@@ -4450,6 +4505,29 @@ def return_large_blocks_to_os() -> None:
 # main() and the command line
 ###############################################################################
 
+
+def check_schema_version(sql: SqlStore) -> None:
+    """Refuse a PostgreSQL schema older or newer than this server (SchemaVersionError); a
+    database that does not answer yet is the health check's business, not a refusal."""
+    try:
+        version = get_schema_version(sql)
+    except StoreUnavailable as exc:
+        log.warning("schema version not checked, the database did not answer: %s", exc)
+        return
+    except psycopg2.ProgrammingError:
+        version = 0  # no schema_migrations table: made before versions were recorded
+    if version < SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the database's schema is version {version}, older than this server's"
+            f" {SCHEMA_VERSION}: back it up, then run `python cloudchat.py initdb`"
+        )
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the database's schema is version {version}, newer than this server's"
+            f" {SCHEMA_VERSION}: run the release that made it (or a newer one)"
+        )
+
+
 SHUTDOWN_STREAM_MARGIN = 1.0  # seconds of the grace left to write the streams' error lines
 
 
@@ -4463,6 +4541,8 @@ def serve(cfg: Config) -> int:
         return 2
     return_large_blocks_to_os()
     application = create_app(cfg)
+    if cfg.database_url:
+        check_schema_version(application.services.sql)
     log.info(
         "storage: %s, %s",
         "PostgreSQL" if cfg.database_url else f"SQLite file {cfg.db_path}",
@@ -4634,11 +4714,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cloudchat: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg)
-    if args.command == "initdb":
-        return initdb(cfg)
-    if args.command in ("deactivate", "activate"):
-        return set_account_active(cfg, args.email, args.command == "activate")
-    return serve(cfg)
+    try:
+        if args.command == "initdb":
+            return initdb(cfg)
+        if args.command in ("deactivate", "activate"):
+            return set_account_active(cfg, args.email, args.command == "activate")
+        return serve(cfg)
+    except SchemaVersionError as exc:
+        print(f"cloudchat: refusing to start: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -67,3 +67,11 @@ CREATE TABLE IF NOT EXISTS server_secrets (
     value        text NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- The schema's version history (cloudchat.py MIGRATIONS): `initdb` records each version it
+-- applies; the server refuses a database older or newer than itself.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version      integer PRIMARY KEY,
+    description  text NOT NULL,
+    applied_at   timestamptz NOT NULL DEFAULT now()
+);

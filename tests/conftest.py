@@ -73,12 +73,14 @@ class PgDatabases:
         finally:
             conn.close()
         self.created.append(self.template)
-        conn = self.admin(self.template)
+        # As `initdb` does: schema.sql plus the schema's versions recorded.
+        import cloudchat
+
+        store = cloudchat.PostgresStore(self.url(self.template), 1, 5.0)
         try:
-            with conn.cursor() as cur:
-                cur.execute(SCHEMA.read_text(encoding="utf-8"))
+            store.apply_schema(SCHEMA.read_text(encoding="utf-8"))
         finally:
-            conn.close()
+            store.close()
 
     def create(self, *, from_template: bool = True) -> str:
         """Create a fresh database (a schema copy, or empty) and return its URL."""

@@ -1,0 +1,62 @@
+-- The PostgreSQL schema of CloudChat at 66a5f54 (its schema.sql), kept to test upgrades.
+-- CloudChat schema for PostgreSQL (13 or newer).
+-- Applied by `python cloudchat.py initdb`; every statement is idempotent, so running it
+-- again on a live database is harmless. The embedded SQLite setup carries its own copy of
+-- these tables inside cloudchat.py (SQLITE_SCHEMA) and creates them at first start.
+-- Times are timestamptz in UTC; the application passes them as parameters so that the same
+-- SQL text runs on both databases.
+
+CREATE TABLE IF NOT EXISTS users (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    uid          uuid NOT NULL UNIQUE,                 -- external id, safe to show
+    email        text NOT NULL
+                 CHECK (email = lower(btrim(email)) AND length(email) BETWEEN 3 AND 254),
+    phone        text UNIQUE                           -- normalised: optional +, digits only
+                 CHECK (phone ~ '^\+?[0-9]{5,20}$'),
+    display_name text CHECK (length(display_name) <= 64),
+    is_active    boolean NOT NULL DEFAULT true,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+-- Emails are stored lower-cased already; the expression index also keeps a hand-written
+-- mixed-case row from ever duplicating an address.
+CREATE UNIQUE INDEX IF NOT EXISTS users_email_lower_key ON users (lower(email));
+
+-- One row per user and credential type (password, totp, webauthn); OAuth identities may be
+-- several per user but each provider account belongs to one user only.
+CREATE TABLE IF NOT EXISTS credentials (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id      bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    type         text NOT NULL CHECK (type IN ('password', 'totp', 'webauthn', 'oauth')),
+    provider     text,
+    provider_uid text,
+    secret       text,                                 -- e.g. the Argon2id hash
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (provider, provider_uid)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS credentials_user_type_key
+    ON credentials (user_id, type) WHERE type <> 'oauth';
+
+-- Durable login sessions. The cookie holds a random id; only its SHA-256 is stored here.
+-- Redis caches these rows; this table is the authority (a Redis flush loses nothing).
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash      text PRIMARY KEY CHECK (length(id_hash) = 64),
+    user_id      bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    user_agent   text,
+    ip           text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL,
+    revoked_at   timestamptz
+);
+CREATE INDEX IF NOT EXISTS sessions_user_id_idx ON sessions (user_id);
+CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON sessions (expires_at);
+
+-- Password reset tokens: only the SHA-256 of the emailed token, one live token per user
+-- (issuing a new one deletes the old), deleted when used.
+CREATE TABLE IF NOT EXISTS password_resets (
+    token_hash   text PRIMARY KEY CHECK (length(token_hash) = 64),
+    user_id      bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS password_resets_user_id_idx ON password_resets (user_id);
