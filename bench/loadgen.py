@@ -37,8 +37,7 @@ class Exchange:
     """One connection and the response being read on it."""
 
     def __init__(self, number: int, request: bytes, started: float) -> None:
-        self.number = number
-        self.request = request
+        self.number, self.request = number, request
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -46,19 +45,13 @@ class Exchange:
         self.connected_at: float | None = None
         self.first_line_at: float | None = None
         self.done_at: float | None = None
-        self.outcome = ""
-        self.status = 0
-        self.lines = 0
-        self.keep_alive = True
-        self._outbox = b""
+        self.outcome, self.status, self.lines, self.keep_alive, self._outbox = "", 0, 0, True, b""
         self.reset_response()
 
     def reset_response(self) -> None:
         """Forget the previous response: the next one starts with a status line."""
-        self._buffer = b""
-        self._head_done = False
+        self._buffer, self._head_done, self._chunked = b"", False, False
         self._length: int | None = None
-        self._chunked = False
         self._chunk_left = 0  # bytes of chunk data still to come in the current chunk
         self._chunk_state = "size"  # size | data | crlf | trailer
         self.body = bytearray()
@@ -86,8 +79,7 @@ class Exchange:
             if end < 0:
                 return False
             head, data = self._buffer[:end].decode("latin-1"), self._buffer[end + 4 :]
-            self._buffer = b""
-            self._head_done = True
+            self._buffer, self._head_done = b"", True
             lines = head.split("\r\n")
             self.status = int(lines[0].split(" ", 2)[1])
             for line in lines[1:]:
@@ -118,8 +110,7 @@ class Exchange:
             if self._chunk_state == "data":
                 take = min(self._chunk_left, len(buffer) - pos)
                 self._take_body(buffer[pos : pos + take], now)
-                pos += take
-                self._chunk_left -= take
+                pos, self._chunk_left = pos + take, self._chunk_left - take
                 if self._chunk_left == 0:
                     self._chunk_state = "crlf"
                 continue
@@ -127,8 +118,7 @@ class Exchange:
             if end < 0:
                 self._buffer = buffer[pos:]
                 return False
-            line = buffer[pos:end]
-            pos = end + 2
+            line, pos = buffer[pos:end], end + 2
             if self._chunk_state == "crlf":
                 self._chunk_state = "size"
             elif self._chunk_state == "size":
@@ -174,8 +164,7 @@ def run_chat(port: int, streams: int, message: str, timeout: float) -> dict[str,
         b"POST /deepseek_chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
     )
-    selector = selectors.DefaultSelector()
-    started = time.monotonic()
+    selector, started = selectors.DefaultSelector(), time.monotonic()
     exchanges = [Exchange(number, request, started) for number in range(streams)]
     pending = set()
     for ex in exchanges:
@@ -211,20 +200,12 @@ def run_chat(port: int, streams: int, message: str, timeout: float) -> dict[str,
         selector.unregister(ex.sock)
         ex.sock.close()
     selector.close()
-    return {
-        "streams": [
-            {
-                "connect_s": _since(ex.connected_at, started),
-                "first_line_s": _since(ex.first_line_at, started),
-                "done_s": _since(ex.done_at, started),
-                "status": ex.status,
-                "lines": ex.lines,
-                "outcome": ex.outcome,
-            }
-            for ex in exchanges
-        ],
-        "wall_s": time.monotonic() - started,
-    }
+    streams = []
+    for ex in exchanges:
+        times = (_since(at, started) for at in (ex.connected_at, ex.first_line_at, ex.done_at))
+        stream = dict(zip(("connect_s", "first_line_s", "done_s"), times, strict=True))
+        streams.append({**stream, "status": ex.status, "lines": ex.lines, "outcome": ex.outcome})
+    return {"streams": streams, "wall_s": time.monotonic() - started}
 
 
 def _chat_outcome(ex: Exchange, complete: bool) -> str:
@@ -232,15 +213,8 @@ def _chat_outcome(ex: Exchange, complete: bool) -> str:
     last = ex.last_line()
     if ex.status == 503 and last.get("code") == "over_capacity":
         return "over_capacity"
-    if ex.status != 200:
-        code = last.get("code")
-        return (
-            f"http_{ex.status}:{code}"
-            if code
-            else f"http_{ex.status}"
-            if ex.status
-            else "closed_early"
-        )
+    if ex.status != 200 and ex.status:
+        return f"http_{ex.status}:{last['code']}" if last.get("code") else f"http_{ex.status}"
     if not complete:
         return "closed_early"
     if last.get("done") is True:
@@ -258,10 +232,8 @@ def run_get(
     """Keep `connections` connections busy with one GET for `duration` s (a small wrk)."""
     extra = "".join(f"{header}\r\n" for header in headers)
     request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode("latin-1")
-    selector = selectors.DefaultSelector()
-    started = time.monotonic()
-    stop_at = started + duration
-    latencies: list[float] = []
+    selector, started = selectors.DefaultSelector(), time.monotonic()
+    stop_at, latencies = started + duration, []
     errors = {"connect": 0, "read": 0, "status": 0}
     live: set[Exchange] = set()
 
@@ -317,15 +289,11 @@ def run_get(
     elapsed = min(time.monotonic(), stop_at) - started
     latencies.sort()
     return {
-        "requests": len(latencies),
-        "duration_s": elapsed,
+        "requests": len(latencies), "duration_s": elapsed,
         "rps": len(latencies) / elapsed if elapsed > 0 else 0.0,
-        "p50_ms": _percentile(latencies, 50) * 1000,
-        "p90_ms": _percentile(latencies, 90) * 1000,
-        "p99_ms": _percentile(latencies, 99) * 1000,
-        "max_ms": (latencies[-1] if latencies else 0.0) * 1000,
-        "errors": errors,
-    }
+        **{f"p{pct}_ms": _percentile(latencies, pct) * 1000 for pct in (50, 90, 99)},
+        "max_ms": (latencies[-1] if latencies else 0.0) * 1000, "errors": errors,
+    }  # fmt: skip
 
 
 def _percentile(ordered: list[float], pct: float) -> float:

@@ -114,9 +114,7 @@ def import_floor() -> float:
         h.stop_process(proc, 5)
 
 
-###############################################################################
-# Clients in this process: login and registration load, the health probe
-###############################################################################
+# --- Clients in this process: login and registration load, the health probe --------------
 
 
 class Workers:
@@ -203,9 +201,8 @@ class HealthProbe:
     that stalls is followed by the next one at once); latencies in ms."""
 
     def __init__(self, port: int, every: float = 0.05, limit: float = 120.0) -> None:
-        self.port, self.every, self.limit = port, every, limit
+        self.port, self.every, self.limit, self.failures = port, every, limit, 0
         self.timeline: list[tuple[float, float]] = []  # (monotonic start, latency ms)
-        self.failures = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._probe, daemon=True)
 
@@ -248,9 +245,7 @@ class HealthProbe:
         }
 
 
-###############################################################################
-# Load generators in their own processes: wrk (or loadgen.py get) and loadgen.py chat
-###############################################################################
+# --- Load generators in their own processes: wrk (or loadgen.py get) and loadgen.py chat
 
 
 @dataclasses.dataclass
@@ -349,11 +344,9 @@ def chat_wave(
     connects = [s["connect_s"] for s in per_stream if s["connect_s"] is not None]
     # How many streams were open at once, as the client saw it: accept-queue overflow
     # spreads the connects out, and streams that end early make room for late ones.
+    spans = [(s["connect_s"], s["done_s"]) for s in per_stream]
     edges = sorted(
-        edge
-        for s in per_stream
-        if s["connect_s"] is not None and s["done_s"] is not None
-        for edge in ((s["connect_s"], 1), (s["done_s"], -1))
+        e for a, b in spans if a is not None and b is not None for e in ((a, 1), (b, -1))
     )
     open_now = peak_open = 0
     for _, step in edges:
@@ -370,9 +363,7 @@ def chat_wave(
     )  # fmt: skip
 
 
-###############################################################################
-# One run: every scenario against one fresh server
-###############################################################################
+# --- One run: every scenario against one fresh server ------------------------------------
 
 
 class Run:
@@ -547,15 +538,12 @@ class Run:
         # growth after it. With --waves 8 the RSS is flat from wave 3 or 4 on.
         second = waves[min(1, len(waves) - 1)].rss_after_mb
         self.figures.update(
-            chat_first_p50_s=waves[0].first_p50_s,
-            chat_first_p95_s=worst("first_p95_s"),
-            chat_last_done_s=worst("last_done_s"),
-            chat_connect_max_s=worst("connect_max_s"),
+            chat_first_p50_s=waves[0].first_p50_s, chat_first_p95_s=worst("first_p95_s"),
+            chat_last_done_s=worst("last_done_s"), chat_connect_max_s=worst("connect_max_s"),
             chat_connect_late=worst("connect_over_0_5s"),
             chat_probe_max_ms=max(w.probe["probe_max_ms"] or 0 for w in waves),
             chat_concurrent=min(w.peak_concurrent for w in waves),
-            chat_failures=sum(w.failures for w in waves),
-            chat_peak_mb=worst("peak_rss_mb"),
+            chat_failures=sum(w.failures for w in waves), chat_peak_mb=worst("peak_rss_mb"),
             chat_warmup_mb=second - waves[0].rss_after_mb,
             chat_growth_mb=waves[-1].rss_after_mb - second,
             chat_upstream_open=worst("upstream_open"),
@@ -563,7 +551,7 @@ class Run:
                 f"chat_cpu_{who}_s": statistics.mean(w.cpu_s[who] for w in waves)
                 for who in ("server", "provider", "client")
             },
-        )
+        )  # fmt: skip
 
     def _chat_login(self, users: list[str]) -> None:
         assert self.server is not None and self.provider is not None
@@ -580,13 +568,11 @@ class Run:
         self.details["chat_login_errors"] = dict(+workers.errors)
         logins = workers.summary("cl_login")
         self.figures.update(
-            cl_first_p95_s=wave.first_p95_s,
-            cl_last_done_s=wave.last_done_s,
-            cl_failures=wave.failures,
-            cl_login_rps=logins["cl_login_rps"],
+            cl_first_p95_s=wave.first_p95_s, cl_last_done_s=wave.last_done_s,
+            cl_failures=wave.failures, cl_login_rps=logins["cl_login_rps"],
             cl_login_p50_ms=logins["cl_login_p50_ms"],
             cl_probe_max_ms=probe.summary("p")["p_max_ms"],
-        )
+        )  # fmt: skip
         self.say(
             f"streams + logins: first line p95 {wave.first_p95_s or 0:.2f} s, logins"
             f" {logins['cl_login_rps']:.1f}/s"
@@ -607,15 +593,12 @@ class Run:
             capacity = re.search(r"at most (\d+) client connections", log)
             over = wave.outcomes.get("over_capacity", 0)
             figures = {
-                "ok": wave.ok,
-                "over_capacity": over,
-                "other_failures": wave.failures - over,
-                "last_done_s": wave.last_done_s,
-                "concurrent": wave.peak_concurrent,
+                "ok": wave.ok, "over_capacity": over, "other_failures": wave.failures - over,
+                "last_done_s": wave.last_done_s, "concurrent": wave.peak_concurrent,
                 "answering": int(answering and server.alive()),
                 "emfile_lines": log.count("Too many open files"),
                 "max_connections": int(capacity.group(1)) if capacity else None,
-            }
+            }  # fmt: skip
             self.figures.update({f"nf{nofile}_{key}": value for key, value in figures.items()})
             self._log_counts(f"nf{nofile}", server)
             self.details[f"nofile_{nofile}"] = dataclasses.asdict(wave)
@@ -627,7 +610,7 @@ class Run:
 
     def _log_counts(self, prefix: str, server: h.LoggedProcess) -> None:
         log = server.log_text()
-        self.figures[f"{prefix}_tracebacks"] = log.count("Traceback (most recent h.call last)")
+        self.figures[f"{prefix}_tracebacks"] = log.count("Traceback (most recent call last)")
         self.figures[f"{prefix}_error_lines"] = len(re.findall(r" (?:ERROR|CRITICAL) ", log))
         self.details[f"{prefix}_complaints"] = dict(h.complaint_kinds(log).most_common(10))
         if self.args.keep_logs:
@@ -636,9 +619,7 @@ class Run:
             shutil.copyfile(server.log_path, target)
 
 
-###############################################################################
-# The table: what each figure means, its target and the original deployment's value
-###############################################################################
+# --- The table: what each figure means, its target and the original deployment's value
 
 # One row per figure: key | label | unit | decimals | target | the original deployment's
 # figure (Flask + gunicorn gevent + SQLAlchemy + Flask-Session + openai SDK, one worker).
@@ -791,9 +772,7 @@ def render_table(summary: dict[str, dict[str, float]], rows: list[Row], runs: in
     return "\n".join(h.text_table(lines, "lrrrrr"))
 
 
-###############################################################################
-# main()
-###############################################################################
+# --- main() ------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
