@@ -801,7 +801,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     ip           TEXT,
     created_at   TEXT NOT NULL,
     expires_at   TEXT NOT NULL,
-    revoked_at   TEXT
+    revoked_at   TEXT,
+    last_seen_at TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_user_id_idx ON sessions (user_id);
 CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON sessions (expires_at);
@@ -832,6 +833,12 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 MIGRATIONS: tuple[tuple[int, str, str, str], ...] = (
     (1, "users, credentials, sessions, password resets", "", ""),
     (2, "server_secrets: the key that signs cookies in development", "", ""),
+    (
+        3,
+        "sessions.last_seen_at: sessions per device",
+        "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS last_seen_at timestamptz",
+        "ALTER TABLE sessions ADD COLUMN last_seen_at TEXT",
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -1234,13 +1241,35 @@ def insert_session(
 
 
 def get_live_session_user(sql: SqlStore, id_hash: str) -> tuple[User, dt.datetime] | None:
-    """(user, expiry) of an unrevoked, unexpired session, or None; the user may be inactive."""
+    """(user, expiry) of an unrevoked, unexpired session, or None; the user may be inactive.
+    Marks the session seen now when it was last marked over LAST_SEEN_EVERY ago."""
+    now = utcnow()
     row = sql.one(
-        f"SELECT {_USER_COLUMNS}, s.expires_at FROM sessions s JOIN users u ON u.id = s.user_id"
+        f"SELECT {_USER_COLUMNS}, s.expires_at, s.last_seen_at"
+        " FROM sessions s JOIN users u ON u.id = s.user_id"
         " WHERE s.id_hash = %s AND s.revoked_at IS NULL AND s.expires_at > %s",
-        (id_hash, utcnow()),
+        (id_hash, now),
     )
-    return (_user_from_row(row), as_datetime(row[6])) if row else None
+    if row is None:
+        return None
+    if row[7] is None or now - as_datetime(row[7]) > LAST_SEEN_EVERY:
+        # A write at most once a minute per session, not one per request.
+        sql.run("UPDATE sessions SET last_seen_at = %s WHERE id_hash = %s", (now, id_hash))
+    return _user_from_row(row), as_datetime(row[6])
+
+
+LAST_SEEN_EVERY = dt.timedelta(seconds=60)
+
+
+def list_user_sessions(sql: SqlStore, user_id: int) -> list[tuple]:
+    """The user's live sessions, newest first: (id_hash, user_agent, ip, created_at,
+    last_seen_at, expires_at)."""
+    return sql.all(
+        "SELECT id_hash, user_agent, ip, created_at, last_seen_at, expires_at FROM sessions"
+        " WHERE user_id = %s AND revoked_at IS NULL AND expires_at > %s"
+        " ORDER BY created_at DESC",
+        (user_id, utcnow()),
+    )
 
 
 def set_user_active(sql: SqlStore, email: str, active: bool) -> int | None:
@@ -2303,13 +2332,25 @@ def get_session_user(sql: SqlStore, kv: KeyValueStore, cfg: Config, token: str) 
     return user
 
 
-def revoke_session(sql: SqlStore, kv: KeyValueStore, cfg: Config, token: str) -> None:
-    """End one session at once: SQL first (the authority), then the cache."""
-    id_hash = token_hash(token)
+def revoke_session(sql: SqlStore, kv: KeyValueStore, cfg: Config, token: str) -> bool:
+    """End the session of a cookie at once; True if it was live."""
+    return revoke_session_by_hash(sql, kv, cfg, token_hash(token))
+
+
+def revoke_session_by_hash(sql: SqlStore, kv: KeyValueStore, cfg: Config, id_hash: str) -> bool:
+    """End one session at once: SQL first (the authority), then the cache; True if it was
+    not ended already."""
     # Nothing to mark for a made-up id or an ended session: no request can be filling the
     # cache from a live row, and a planted cookie must not make keys.
-    if mark_session_revoked(sql, id_hash):
-        _mark_cached_sessions_revoked(kv, cfg, [id_hash])
+    if not mark_session_revoked(sql, id_hash):
+        return False
+    _mark_cached_sessions_revoked(kv, cfg, [id_hash])
+    return True
+
+
+def session_public_id(id_hash: str) -> str:
+    """A session's id as the API shows it: not the cookie, and no way back to it."""
+    return hashlib.sha256(f"public:{id_hash}".encode()).hexdigest()[:32]
 
 
 def revoke_user_sessions(
@@ -3869,18 +3910,74 @@ def login(s: Services) -> dict[str, Any]:
     return {"ok": True}
 
 
+LOGOUT_SCOPES = ("local", "others", "global")
+
+
 def logout(s: Services) -> dict[str, Any]:
-    """POST /auth/logout: the session ends; always 200."""
+    """POST /auth/logout {"scope"?}: this session (local, the default), every other one
+    (others) or all of them (global) end; always 200 with how many ended."""
     cfg = s.cfg
     # Read, though it may be empty: a text/plain or form body (which any page may send
     # without a preflight) is a 415, not a logout.
-    read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    scope = str_field(body, "scope") or "local"
+    if scope not in LOGOUT_SCOPES:
+        raise ApiError(400, "invalid_input", "scope must be local, others or global")
     token = auth_token(cfg)
-    if token:
-        revoke_session(s.sql, s.kv, cfg, token)
-    _set_auth_cookie(cfg, "", 0)
-    set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
-    return {"ok": True}
+    user = current_user(s) if token and scope != "local" else None
+    revoked = 0
+    if user is not None:
+        keep = token if scope == "others" else None
+        revoked = revoke_user_sessions(s.sql, s.kv, cfg, user.id, keep_token=keep)
+    elif token and scope == "local":
+        revoked = int(revoke_session(s.sql, s.kv, cfg, token))
+    if scope != "others":
+        _set_auth_cookie(cfg, "", 0)
+        set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
+    return {"ok": True, "revoked_sessions": revoked}
+
+
+def _iso(value: Any) -> str | None:
+    """A stored time as ISO 8601 UTC, or None."""
+    if value is None:
+        return None
+    return as_datetime(value).astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def list_sessions(s: Services, user: User) -> dict[str, Any]:
+    """GET /auth/sessions: the caller's live sessions, newest first."""
+    current = token_hash(auth_token(s.cfg) or "")
+    sessions = [
+        {
+            "id": session_public_id(id_hash),
+            "current": id_hash == current,
+            "created_at": _iso(created),
+            "last_seen_at": _iso(seen or created),
+            "expires_at": _iso(expires),
+            "user_agent": agent or "",
+            "ip": ip or "",
+        }
+        for id_hash, agent, ip, created, seen, expires in list_user_sessions(s.sql, user.id)
+    ]
+    return {"ok": True, "sessions": sessions}
+
+
+_PUBLIC_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def delete_session(s: Services, user: User, session_id: str) -> dict[str, Any]:
+    """DELETE /auth/sessions/<id>: end one of the caller's sessions; 404 for any other id
+    (another user's looks exactly like an unknown one)."""
+    if not _PUBLIC_ID_RE.fullmatch(session_id):
+        raise ApiError(404, "not_found", "No such session")
+    for id_hash, *_ in list_user_sessions(s.sql, user.id):
+        if hmac.compare_digest(session_public_id(id_hash), session_id):
+            revoke_session_by_hash(s.sql, s.kv, s.cfg, id_hash)
+            if id_hash == token_hash(auth_token(s.cfg) or ""):
+                _set_auth_cookie(s.cfg, "", 0)  # the current session: a logout
+                set_cookie(s.cfg, s.cfg.app_session_cookie_name, "", 0)
+            return {"ok": True}
+    raise ApiError(404, "not_found", "No such session")
 
 
 def me(s: Services, user: User) -> dict[str, Any]:
@@ -4078,6 +4175,8 @@ ROUTES = (
     Route("POST", "/auth/login", login, limits=("login_ip", "login_id | login_device")),
     Route("POST", "/auth/logout", logout),
     Route("GET", "/auth/me", me, login=True),
+    Route("GET", "/auth/sessions", list_sessions, login=True),
+    Route("DELETE", "/auth/sessions/<session_id>", delete_session, login=True),
     Route("POST", "/auth/password/forgot", forgot_password, limits=("forgot_ip", "forgot_id")),
     Route("POST", "/auth/password/reset", reset_password),
     Route(

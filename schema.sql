@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     ip           text,
     created_at   timestamptz NOT NULL DEFAULT now(),
     expires_at   timestamptz NOT NULL,
-    revoked_at   timestamptz
+    revoked_at   timestamptz,
+    last_seen_at timestamptz                           -- written at most once a minute
 );
 CREATE INDEX IF NOT EXISTS sessions_user_id_idx ON sessions (user_id);
 CREATE INDEX IF NOT EXISTS sessions_expires_at_idx ON sessions (expires_at);
