@@ -181,6 +181,8 @@ class Config:
     cookie_secure: bool = _setting("COOKIE_SECURE", False, "flag")
     session_ttl: int = _setting("SESSION_TTL_SECONDS", 604800, "integer", 60, 31536000)
     session_cache_seconds: int = _setting("SESSION_CACHE_SECONDS", 60, "integer", 1, 86400)
+    session_idle_seconds: int = _setting("SESSION_IDLE_SECONDS", 259200, "integer", 60, 31536000)
+    session_max_per_user: int = _setting("SESSION_MAX_PER_USER", 20, "integer", 1, 1000)
     trusted_proxies: tuple[Any, ...] = _setting(
         "TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES, "networks"
     )
@@ -1225,35 +1227,50 @@ def insert_session(
     user_agent: str,
     ip: str,
     expires_at: dt.datetime,
-) -> None:
-    """Store a new durable session and drop the user's expired ones."""
+    keep_at_most: int,
+) -> list[str]:
+    """Store a new durable session and drop the user's expired ones; beyond keep_at_most
+    live sessions, end the least recently used. Returns the hashes of those it ended."""
     now = utcnow()
     with sql.transaction() as tx:
         tx.run(
             "DELETE FROM sessions WHERE user_id = %s AND expires_at < %s",
             (user_id, now),
         )
-        tx.run(
-            "INSERT INTO sessions (id_hash, user_id, user_agent, ip, created_at, expires_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (id_hash, user_id, user_agent, ip, now, expires_at),
+        live = tx.all(
+            "SELECT id_hash FROM sessions WHERE user_id = %s AND revoked_at IS NULL"
+            " ORDER BY COALESCE(last_seen_at, created_at) DESC, created_at DESC",
+            (user_id,),
         )
+        ended = [row[0] for row in live[max(0, keep_at_most - 1) :]]
+        for old in ended:
+            tx.run("UPDATE sessions SET revoked_at = %s WHERE id_hash = %s", (now, old))
+        tx.run(
+            "INSERT INTO sessions"
+            " (id_hash, user_id, user_agent, ip, created_at, expires_at, last_seen_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (id_hash, user_id, user_agent, ip, now, expires_at, now),
+        )
+    return ended
 
 
-def get_live_session_user(sql: SqlStore, id_hash: str) -> tuple[User, dt.datetime] | None:
-    """(user, expiry) of an unrevoked, unexpired session, or None; the user may be inactive.
-    Marks the session seen now when it was last marked over LAST_SEEN_EVERY ago."""
+def get_live_session_user(
+    sql: SqlStore, id_hash: str, idle: dt.timedelta
+) -> tuple[User, dt.datetime] | None:
+    """(user, expiry) of an unrevoked, unexpired session used within `idle`, or None; the
+    user may be inactive. Marks the session seen now when its mark is older than a minute
+    (or a tenth of `idle`, if shorter): a write now and then, not one per request."""
     now = utcnow()
     row = sql.one(
-        f"SELECT {_USER_COLUMNS}, s.expires_at, s.last_seen_at"
+        f"SELECT {_USER_COLUMNS}, s.expires_at, COALESCE(s.last_seen_at, s.created_at)"
         " FROM sessions s JOIN users u ON u.id = s.user_id"
-        " WHERE s.id_hash = %s AND s.revoked_at IS NULL AND s.expires_at > %s",
-        (id_hash, now),
+        " WHERE s.id_hash = %s AND s.revoked_at IS NULL AND s.expires_at > %s"
+        " AND COALESCE(s.last_seen_at, s.created_at) > %s",
+        (id_hash, now, now - idle),
     )
     if row is None:
         return None
-    if row[7] is None or now - as_datetime(row[7]) > LAST_SEEN_EVERY:
-        # A write at most once a minute per session, not one per request.
+    if now - as_datetime(row[7]) > min(LAST_SEEN_EVERY, idle / 10):
         sql.run("UPDATE sessions SET last_seen_at = %s WHERE id_hash = %s", (now, id_hash))
     return _user_from_row(row), as_datetime(row[6])
 
@@ -1261,14 +1278,15 @@ def get_live_session_user(sql: SqlStore, id_hash: str) -> tuple[User, dt.datetim
 LAST_SEEN_EVERY = dt.timedelta(seconds=60)
 
 
-def list_user_sessions(sql: SqlStore, user_id: int) -> list[tuple]:
-    """The user's live sessions, newest first: (id_hash, user_agent, ip, created_at,
-    last_seen_at, expires_at)."""
+def list_user_sessions(sql: SqlStore, user_id: int, idle: dt.timedelta) -> list[tuple]:
+    """The user's live sessions (used within `idle`), newest first: (id_hash, user_agent,
+    ip, created_at, last_seen_at, expires_at)."""
+    now = utcnow()
     return sql.all(
         "SELECT id_hash, user_agent, ip, created_at, last_seen_at, expires_at FROM sessions"
         " WHERE user_id = %s AND revoked_at IS NULL AND expires_at > %s"
-        " ORDER BY created_at DESC",
-        (user_id, utcnow()),
+        " AND COALESCE(last_seen_at, created_at) > %s ORDER BY created_at DESC",
+        (user_id, now, now - idle),
     )
 
 
@@ -2292,11 +2310,12 @@ def _user_from_cache(value: str) -> User | None:
 def create_session(
     sql: SqlStore, kv: KeyValueStore, cfg: Config, user: User, user_agent: str, ip: str
 ) -> str:
-    """Start a session for an active user: durable row, warm cache; return the cookie's id."""
+    """Start a session for an active user: durable row, warm cache; return the cookie's id.
+    Beyond SESSION_MAX_PER_USER, the user's least recently used sessions end."""
     token = new_token()
     id_hash = token_hash(token)
     expires_at = utcnow() + dt.timedelta(seconds=cfg.session_ttl)
-    insert_session(
+    ended = insert_session(
         sql,
         id_hash,
         user.id,
@@ -2304,7 +2323,9 @@ def create_session(
         "".join(c for c in user_agent[:256] if c.isprintable()),
         ip,
         expires_at,
+        cfg.session_max_per_user,
     )
+    _mark_cached_sessions_revoked(kv, cfg, ended)
     _cache_session(cfg, kv, id_hash, user, expires_at)
     return token
 
@@ -2324,7 +2345,7 @@ def get_session_user(sql: SqlStore, kv: KeyValueStore, cfg: Config, token: str) 
         user = _user_from_cache(cached) if cached is not None else None
         if user is not None:
             return user
-    found = get_live_session_user(sql, id_hash)
+    found = get_live_session_user(sql, id_hash, dt.timedelta(seconds=cfg.session_idle_seconds))
     if found is None or not found[0].is_active:
         return None
     user, expires_at = found
@@ -3937,6 +3958,11 @@ def logout(s: Services) -> dict[str, Any]:
     return {"ok": True, "revoked_sessions": revoked}
 
 
+def own_sessions(s: Services, user: User) -> list[tuple]:
+    """The caller's live sessions (list_user_sessions), with the configured idle timeout."""
+    return list_user_sessions(s.sql, user.id, dt.timedelta(seconds=s.cfg.session_idle_seconds))
+
+
 def _iso(value: Any) -> str | None:
     """A stored time as ISO 8601 UTC, or None."""
     if value is None:
@@ -3957,7 +3983,7 @@ def list_sessions(s: Services, user: User) -> dict[str, Any]:
             "user_agent": agent or "",
             "ip": ip or "",
         }
-        for id_hash, agent, ip, created, seen, expires in list_user_sessions(s.sql, user.id)
+        for id_hash, agent, ip, created, seen, expires in own_sessions(s, user)
     ]
     return {"ok": True, "sessions": sessions}
 
@@ -3970,7 +3996,7 @@ def delete_session(s: Services, user: User, session_id: str) -> dict[str, Any]:
     (another user's looks exactly like an unknown one)."""
     if not _PUBLIC_ID_RE.fullmatch(session_id):
         raise ApiError(404, "not_found", "No such session")
-    for id_hash, *_ in list_user_sessions(s.sql, user.id):
+    for id_hash, *_ in own_sessions(s, user):
         if hmac.compare_digest(session_public_id(id_hash), session_id):
             revoke_session_by_hash(s.sql, s.kv, s.cfg, id_hash)
             if id_hash == token_hash(auth_token(s.cfg) or ""):

@@ -329,7 +329,8 @@ def test_logout_wins_over_a_late_cache_fill(make_server: ServerFactory, redis_db
         key = _cache_key(srv, token)
         id_hash = key.rpartition(":")[2]
         redis_db.client.delete(key)
-        found = cloudchat.get_live_session_user(sql, id_hash)  # the request's read
+        idle = cloudchat.dt.timedelta(seconds=cfg.session_idle_seconds)
+        found = cloudchat.get_live_session_user(sql, id_hash, idle)  # the request's read
         assert found is not None
         cloudchat.revoke_session(sql, kv, cfg, token)  # the logout in between
         cloudchat._cache_session(cfg, kv, id_hash, found[0], found[1])  # the late fill

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 import threading
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import shared_server
+from tests.conftest import RedisDb, ServerFactory, shared_server
 from tests.helpers import (
     ALL_LIMITS_RAISED,
     UNAUTHORIZED,
@@ -17,6 +18,7 @@ from tests.helpers import (
     Server,
     assert_error,
     random_email,
+    sql_rows,
     strong_password,
 )
 
@@ -172,3 +174,46 @@ def test_concurrent_revocations_end_each_session_once(server: Server) -> None:
         thread.join(20)
     assert sorted(results) in ([200, 200], [200, 404])
     assert third.me().status == 401
+
+
+def _stored_time(ago: dt.timedelta) -> str:
+    """A time that long ago, written as the server stores times (either database reads it)."""
+    return (dt.datetime.now(dt.UTC) - ago).strftime("%Y-%m-%d %H:%M:%S.%f+00:00")
+
+
+def test_beyond_the_maximum_the_least_recently_used_ends(make_server: ServerFactory) -> None:
+    """SESSION_MAX_PER_USER=2: a third login ends the session used longest ago."""
+    server = make_server.start("embedded", {**ALL_LIMITS_RAISED, "SESSION_MAX_PER_USER": "2"})
+    email, password, (first, second) = _devices(server, 2)
+    # The second device was last used an hour ago, the first one just now.
+    sql_rows(
+        server,
+        "UPDATE sessions SET last_seen_at = %s WHERE user_agent = 'device-1'",
+        (_stored_time(dt.timedelta(hours=1)),),
+    )
+    third = server.client({"User-Agent": "device-2"})
+    assert third.login(email, password).status == 200
+    assert [b.me().status for b in (first, second, third)] == [200, 401, 200]
+    agents = [s["user_agent"] for s in third.get("/auth/sessions").json()["sessions"]]
+    assert agents == ["device-2", "device-0"]
+
+
+@pytest.mark.parametrize("setup", ["embedded", "postgres"])
+def test_an_idle_session_ends(make_server: ServerFactory, setup: str) -> None:
+    """SESSION_IDLE_SECONDS: a session unused for longer is not live any more, and not
+    listed; one used within it is."""
+    server = make_server.start(setup, {**ALL_LIMITS_RAISED, "SESSION_IDLE_SECONDS": "3600"})
+    _, _, (idle, busy) = _devices(server, 2)
+    sql_rows(
+        server,
+        "UPDATE sessions SET last_seen_at = %s WHERE user_agent = 'device-0'",
+        (_stored_time(dt.timedelta(hours=2)),),
+    )
+    if setup == "postgres":
+        # The cache may vouch for the session up to SESSION_CACHE_SECONDS: as after that.
+        rdb: RedisDb = make_server.request.getfixturevalue("redis_db")
+        rdb.client.delete(*rdb.client.keys(server.env["REDIS_KEY_PREFIX"] + "sess:*"))
+    assert_error(idle.me(), 401, "unauthorized")
+    assert busy.me().status == 200
+    agents = [s["user_agent"] for s in busy.get("/auth/sessions").json()["sessions"]]
+    assert agents == ["device-1"]
