@@ -210,6 +210,7 @@ class Config:
     rate_forgot_identifier: RateLimit = _setting(
         "RATE_FORGOT_IDENTIFIER", RateLimit(5, 3600), "rate"
     )
+    rate_account: RateLimit = _setting("RATE_ACCOUNT", RateLimit(60, 60), "rate")
     site_name: str = _setting("SITE_NAME", "CloudChat")
     frontend_base_url: str = _setting("FRONTEND_BASE_URL", "http://localhost:5000", "url")
     allowed_origins: tuple[str, ...] = _setting("ALLOWED_ORIGINS", (), "origins")
@@ -3972,6 +3973,7 @@ def _iso(value: Any) -> str | None:
 
 def list_sessions(s: Services, user: User) -> dict[str, Any]:
     """GET /auth/sessions: the caller's live sessions, newest first."""
+    enforce_rate_limits(s.kv, [LimitCheck(s.cfg.rate_account, "account", f"user:{user.id}")])
     current = token_hash(auth_token(s.cfg) or "")
     sessions = [
         {
@@ -3994,6 +3996,7 @@ _PUBLIC_ID_RE = re.compile(r"[0-9a-f]{32}")
 def delete_session(s: Services, user: User, session_id: str) -> dict[str, Any]:
     """DELETE /auth/sessions/<id>: end one of the caller's sessions; 404 for any other id
     (another user's looks exactly like an unknown one)."""
+    enforce_rate_limits(s.kv, [LimitCheck(s.cfg.rate_account, "account", f"user:{user.id}")])
     if not _PUBLIC_ID_RE.fullmatch(session_id):
         raise ApiError(404, "not_found", "No such session")
     for id_hash, *_ in own_sessions(s, user):
@@ -4201,8 +4204,14 @@ ROUTES = (
     Route("POST", "/auth/login", login, limits=("login_ip", "login_id | login_device")),
     Route("POST", "/auth/logout", logout),
     Route("GET", "/auth/me", me, login=True),
-    Route("GET", "/auth/sessions", list_sessions, login=True),
-    Route("DELETE", "/auth/sessions/<session_id>", delete_session, login=True),
+    Route("GET", "/auth/sessions", list_sessions, login=True, limits=("account",)),
+    Route(
+        "DELETE",
+        "/auth/sessions/<session_id>",
+        delete_session,
+        login=True,
+        limits=("account",),
+    ),
     Route("POST", "/auth/password/forgot", forgot_password, limits=("forgot_ip", "forgot_id")),
     Route("POST", "/auth/password/reset", reset_password),
     Route(

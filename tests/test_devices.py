@@ -217,3 +217,17 @@ def test_an_idle_session_ends(make_server: ServerFactory, setup: str) -> None:
     assert busy.me().status == 200
     agents = [s["user_agent"] for s in busy.get("/auth/sessions").json()["sessions"]]
     assert agents == ["device-1"]
+
+
+def test_session_endpoints_are_rate_limited(make_server: ServerFactory) -> None:
+    """RATE_ACCOUNT: listing and ending sessions count per account; beyond, 429."""
+    server = make_server.start("embedded", {**ALL_LIMITS_RAISED, "RATE_ACCOUNT": "3/60"})
+    _, _, (browser, other) = _devices(server, 2)
+    for _ in range(2):
+        assert browser.get("/auth/sessions").status == 200
+    assert browser.request("DELETE", f"/auth/sessions/{'0' * 32}").status == 404
+    limited = browser.get("/auth/sessions")
+    assert_error(limited, 429, "rate_limited")
+    assert int(limited.header("Retry-After") or 0) > 0
+    # The same account from its other device: the limit is the account's.
+    assert_error(other.request("DELETE", f"/auth/sessions/{'0' * 32}"), 429, "rate_limited")
