@@ -4698,16 +4698,6 @@ def serve(cfg: Config) -> int:
         log=None,
         error_log=gevent.pywsgi.LoggingLogAdapter(log, logging.ERROR),
     )
-    try:
-        server.start()
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
-        application.close()
-        return 2
-    host, port = server.address[:2]
-    log.info("cloudchat %s listening on http://%s:%d", __version__, host, port)
-    log.info("at most %d client connections at once", server.max_connections)
-
     stopping_since: list[float] = []
 
     def stop(signum: int) -> None:
@@ -4721,9 +4711,20 @@ def serve(cfg: Config) -> int:
         margin = min(SHUTDOWN_STREAM_MARGIN, cfg.shutdown_grace / 2)
         gevent.spawn_later(cfg.shutdown_grace - margin, application.services.chat.end_streams)
 
+    # Handlers before the "listening" line: a SIGUSR1 (or SIGTERM) sent as soon as it
+    # appears would otherwise meet the default action, which ends the process.
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop, signum)
     gevent.signal_handler(signal.SIGUSR1, lambda: log.info("stats %s", process_stats(server)))
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
+        application.close()
+        return 2
+    host, port = server.address[:2]
+    log.info("cloudchat %s listening on http://%s:%d", __version__, host, port)
+    log.info("at most %d client connections at once", server.max_connections)
     server.serve_forever()
     # Queued mail shares the one grace period with the requests in flight.
     spent = time.monotonic() - stopping_since[0] if stopping_since else 0.0
