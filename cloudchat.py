@@ -3932,6 +3932,18 @@ def login(s: Services) -> dict[str, Any]:
     return {"ok": True}
 
 
+def expire_login_cookies(cfg: Config) -> None:
+    """A logout's cookies: the session's expires, and the visitor id with it (the next
+    person on this browser starts a fresh conversation)."""
+    _set_auth_cookie(cfg, "", 0)
+    set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
+
+
+def count_account_action(s: Services, user: User) -> None:
+    """Count what an account does to itself (RATE_ACCOUNT); 429 beyond."""
+    enforce_rate_limits(s.kv, [LimitCheck(s.cfg.rate_account, "account", f"user:{user.id}")])
+
+
 LOGOUT_SCOPES = ("local", "others", "global")
 
 
@@ -3954,8 +3966,7 @@ def logout(s: Services) -> dict[str, Any]:
     elif token and scope == "local":
         revoked = int(revoke_session(s.sql, s.kv, cfg, token))
     if scope != "others":
-        _set_auth_cookie(cfg, "", 0)
-        set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
+        expire_login_cookies(cfg)
     return {"ok": True, "revoked_sessions": revoked}
 
 
@@ -3973,7 +3984,7 @@ def _iso(value: Any) -> str | None:
 
 def list_sessions(s: Services, user: User) -> dict[str, Any]:
     """GET /auth/sessions: the caller's live sessions, newest first."""
-    enforce_rate_limits(s.kv, [LimitCheck(s.cfg.rate_account, "account", f"user:{user.id}")])
+    count_account_action(s, user)
     current = token_hash(auth_token(s.cfg) or "")
     sessions = [
         {
@@ -3996,15 +4007,14 @@ _PUBLIC_ID_RE = re.compile(r"[0-9a-f]{32}")
 def delete_session(s: Services, user: User, session_id: str) -> dict[str, Any]:
     """DELETE /auth/sessions/<id>: end one of the caller's sessions; 404 for any other id
     (another user's looks exactly like an unknown one)."""
-    enforce_rate_limits(s.kv, [LimitCheck(s.cfg.rate_account, "account", f"user:{user.id}")])
+    count_account_action(s, user)
     if not _PUBLIC_ID_RE.fullmatch(session_id):
         raise ApiError(404, "not_found", "No such session")
     for id_hash, *_ in own_sessions(s, user):
         if hmac.compare_digest(session_public_id(id_hash), session_id):
             revoke_session_by_hash(s.sql, s.kv, s.cfg, id_hash)
             if id_hash == token_hash(auth_token(s.cfg) or ""):
-                _set_auth_cookie(s.cfg, "", 0)  # the current session: a logout
-                set_cookie(s.cfg, s.cfg.app_session_cookie_name, "", 0)
+                expire_login_cookies(s.cfg)  # the current session: a logout
             return {"ok": True}
     raise ApiError(404, "not_found", "No such session")
 
