@@ -49,6 +49,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import resource
 import secrets
@@ -211,11 +212,18 @@ class Config:
         "RATE_FORGOT_IDENTIFIER", RateLimit(5, 3600), "rate"
     )
     rate_account: RateLimit = _setting("RATE_ACCOUNT", RateLimit(60, 60), "rate")
+    rate_token_ip: RateLimit = _setting("RATE_TOKEN_IP", RateLimit(30, 600), "rate")
     site_name: str = _setting("SITE_NAME", "CloudChat")
     frontend_base_url: str = _setting("FRONTEND_BASE_URL", "http://localhost:5000", "url")
     allowed_origins: tuple[str, ...] = _setting("ALLOWED_ORIGINS", (), "origins")
     pwreset_token_ttl: int = _setting("PWRESET_TOKEN_TTL", 900, "integer", 60, 86400)
     pwreset_revoke_sessions: bool = _setting("PWRESET_REVOKE_SESSIONS", True, "flag")
+    email_verification: str = _setting(
+        "EMAIL_VERIFICATION", "off", "choice", ("off", "optional", "required")
+    )
+    email_token_ttl: int = _setting("EMAIL_TOKEN_TTL", 86400, "integer", 300, 30 * 86400)
+    audit_retention_days: int = _setting("AUDIT_RETENTION_DAYS", 90, "integer", 1, 36500)
+    cleanup_interval: int = _setting("CLEANUP_INTERVAL_SECONDS", 3600, "integer", 0, 7 * 86400)
     smtp_host: str = _setting("SMTP_HOST", "")
     smtp_port: int = _setting("SMTP_PORT", 587, "integer", 1, 65535)
     smtp_user: str = _setting("SMTP_USER", "")
@@ -781,7 +789,8 @@ CREATE TABLE IF NOT EXISTS users (
     phone        TEXT UNIQUE CHECK (length(phone) BETWEEN 5 AND 21),
     display_name TEXT CHECK (length(display_name) <= 64),
     is_active    INTEGER NOT NULL DEFAULT 1,
-    created_at   TEXT NOT NULL
+    created_at   TEXT NOT NULL,
+    email_verified_at TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS users_email_lower_key ON users (lower(email));
 CREATE TABLE IF NOT EXISTS credentials (
@@ -826,6 +835,28 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     description  TEXT NOT NULL,
     applied_at   TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS email_tokens (
+    token_hash   TEXT PRIMARY KEY CHECK (length(token_hash) = 64),
+    user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    purpose      TEXT NOT NULL CHECK (purpose IN ('verify', 'change')),
+    email        TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS email_tokens_user_id_idx ON email_tokens (user_id);
+CREATE INDEX IF NOT EXISTS email_tokens_expires_at_idx ON email_tokens (expires_at);
+CREATE TABLE IF NOT EXISTS auth_events (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at   TEXT NOT NULL,
+    user_id      INTEGER,
+    event        TEXT NOT NULL,
+    detail       TEXT,
+    ip           TEXT,
+    user_agent   TEXT,
+    request_id   TEXT
+);
+CREATE INDEX IF NOT EXISTS auth_events_user_id_idx ON auth_events (user_id, created_at);
+CREATE INDEX IF NOT EXISTS auth_events_created_at_idx ON auth_events (created_at);
 """
 
 # The schema's version history, forward only: (version, what changed, the step for
@@ -841,6 +872,12 @@ MIGRATIONS: tuple[tuple[int, str, str, str], ...] = (
         "sessions.last_seen_at: sessions per device",
         "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS last_seen_at timestamptz",
         "ALTER TABLE sessions ADD COLUMN last_seen_at TEXT",
+    ),
+    (
+        4,
+        "users.email_verified_at, email_tokens, auth_events: verification and audit",
+        "ALTER TABLE users ADD COLUMN IF NOT EXISTS email_verified_at timestamptz",
+        "ALTER TABLE users ADD COLUMN email_verified_at TEXT",
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -949,6 +986,11 @@ class SqlStore:
         """Run a schema script of idempotent statements."""
         raise NotImplementedError
 
+    def try_lock(self, tx: SqlTx, key: int) -> bool:
+        """Take a lock for the rest of the transaction `tx` unless another one holds it;
+        False then. SQLite's BEGIN IMMEDIATE already lets one writer in at a time."""
+        return True
+
     def close(self) -> None:
         """Close every connection."""
 
@@ -1020,6 +1062,11 @@ class PostgresStore(SqlStore):
             existed = tx.one("SELECT to_regclass('users') IS NOT NULL")[0]
             tx.run(script)
             upgrade_schema(tx, bool(existed), sqlite=False)
+
+    def try_lock(self, tx: SqlTx, key: int) -> bool:
+        # A transaction-level lock: PgBouncer's transaction mode allows no session state.
+        row = tx.one("SELECT pg_try_advisory_xact_lock(%s)", (key,))
+        return bool(row and row[0])
 
     def close(self) -> None:
         while self._idle:
@@ -1126,6 +1173,8 @@ class User:
     phone: str | None
     display_name: str | None
     is_active: bool
+    email_verified: bool = False
+    mfa_enabled: bool = False
 
     def public(self) -> dict[str, Any]:
         """The `user` object of GET /auth/me."""
@@ -1161,10 +1210,18 @@ def get_schema_version(sql: SqlStore) -> int:
 
 
 def _user_from_row(row: tuple) -> User:
-    return User(int(row[0]), str(row[1]), row[2], row[3], row[4], bool(row[5]))
+    return User(
+        int(row[0]), str(row[1]), row[2], row[3], row[4], bool(row[5]), bool(row[6]), bool(row[7])
+    )
 
 
-_USER_COLUMNS = "u.id, u.uid, u.email, u.phone, u.display_name, u.is_active"
+# What _user_from_row reads: the first _USER_WIDTH columns of a row.
+_USER_COLUMNS = (
+    "u.id, u.uid, u.email, u.phone, u.display_name, u.is_active,"
+    " u.email_verified_at IS NOT NULL,"
+    " EXISTS (SELECT 1 FROM credentials m WHERE m.user_id = u.id AND m.type = 'totp')"
+)
+_USER_WIDTH = 8
 
 
 def insert_user(
@@ -1199,6 +1256,14 @@ def get_user_by_email(sql: SqlStore, email: str) -> User | None:
     return _user_from_row(row) if row else None
 
 
+def get_password_hash(sql: SqlStore, user_id: int) -> str | None:
+    """The stored password hash of a user, or None."""
+    row = sql.one(
+        "SELECT secret FROM credentials WHERE user_id = %s AND type = 'password'", (user_id,)
+    )
+    return str(row[0]) if row else None
+
+
 def get_password_login(
     sql: SqlStore, email: str | None, phone: str | None
 ) -> tuple[User, str] | None:
@@ -1209,7 +1274,7 @@ def get_password_login(
         " WHERE lower(u.email) = %s OR u.phone = %s",
         (email, phone),
     )
-    return (_user_from_row(row), row[6]) if row else None
+    return (_user_from_row(row), row[_USER_WIDTH]) if row else None
 
 
 def update_password_hash(sql: SqlStore, user_id: int, password_hash: str) -> None:
@@ -1271,9 +1336,10 @@ def get_live_session_user(
     )
     if row is None:
         return None
-    if now - as_datetime(row[7]) > min(LAST_SEEN_EVERY, idle / 10):
+    expires_at, last_seen = row[_USER_WIDTH], row[_USER_WIDTH + 1]
+    if now - as_datetime(last_seen) > min(LAST_SEEN_EVERY, idle / 10):
         sql.run("UPDATE sessions SET last_seen_at = %s WHERE id_hash = %s", (now, id_hash))
-    return _user_from_row(row), as_datetime(row[6])
+    return _user_from_row(row), as_datetime(expires_at)
 
 
 LAST_SEEN_EVERY = dt.timedelta(seconds=60)
@@ -1360,8 +1426,10 @@ def get_or_create_server_secret(sql: SqlStore, name: str) -> str:
 
 
 def delete_reset_tokens(sql: SqlStore, user_id: int) -> None:
-    """End every password-reset link still out for a user."""
-    sql.run("DELETE FROM password_resets WHERE user_id = %s", (user_id,))
+    """End every password-reset and change-of-address link still out for a user."""
+    with sql.transaction() as tx:
+        tx.run("DELETE FROM password_resets WHERE user_id = %s", (user_id,))
+        tx.run("DELETE FROM email_tokens WHERE user_id = %s AND purpose = 'change'", (user_id,))
 
 
 def get_reset_user_id(sql: SqlStore, id_hash: str) -> int | None:
@@ -1394,6 +1462,242 @@ def consume_reset_token(sql: SqlStore, id_hash: str, password_hash: str) -> int 
     return int(row[0])
 
 
+# -- profile, addresses, deletion ---------------------------------------------------------
+
+
+def update_profile(
+    sql: SqlStore, user_id: int, display_name: str | None, phone: str | None
+) -> None:
+    """Set a user's display name and phone (None clears); DuplicateError if the phone is
+    another account's."""
+    sql.run(
+        "UPDATE users SET display_name = %s, phone = %s WHERE id = %s",
+        (display_name, phone, user_id),
+    )
+
+
+def replace_email_token(
+    sql: SqlStore, user_id: int, purpose: str, email: str, id_hash: str, expires_at: dt.datetime
+) -> None:
+    """Store a user's new address link (hashed) for `purpose` (verify, change); every older
+    link of that purpose stops working."""
+    with sql.transaction() as tx:
+        tx.run("DELETE FROM email_tokens WHERE user_id = %s AND purpose = %s", (user_id, purpose))
+        tx.run(
+            "INSERT INTO email_tokens (token_hash, user_id, purpose, email, created_at, expires_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (id_hash, user_id, purpose, email, utcnow(), expires_at),
+        )
+
+
+def use_email_token(sql: SqlStore, id_hash: str) -> tuple[int, str, str] | None:
+    """Use a live address link once: mark the address verified (purpose verify, while it is
+    still the account's) or make the new address the account's (change; DuplicateError if
+    another account has it now). (user id, purpose, address), or None for a link that is
+    unknown, used, expired, stale or of an inactive account."""
+    now = utcnow()
+    with sql.transaction() as tx:
+        # DELETE ... RETURNING claims the row: of two concurrent uses, one gets it.
+        row = tx.one(
+            "DELETE FROM email_tokens WHERE token_hash = %s AND expires_at > %s"
+            " RETURNING user_id, purpose, email",
+            (id_hash, now),
+        )
+        if row is None:
+            return None
+        user_id, purpose, email = int(row[0]), str(row[1]), str(row[2])
+        if purpose == "change":
+            changed = tx.run(
+                "UPDATE users SET email = %s, email_verified_at = %s WHERE id = %s AND is_active",
+                (email, now, user_id),
+            )
+            # The old address's links (and any other change) are void with it.
+            tx.run("DELETE FROM email_tokens WHERE user_id = %s", (user_id,))
+        else:
+            changed = tx.run(
+                "UPDATE users SET email_verified_at = COALESCE(email_verified_at, %s)"
+                " WHERE id = %s AND lower(email) = %s AND is_active",
+                (now, user_id, email),
+            )
+    return (user_id, purpose, email) if changed else None
+
+
+def set_email_verified(sql: SqlStore, user_id: int) -> None:
+    """Mark the account's present address verified (an operator's word for it)."""
+    with sql.transaction() as tx:
+        tx.run(
+            "UPDATE users SET email_verified_at = COALESCE(email_verified_at, %s) WHERE id = %s",
+            (utcnow(), user_id),
+        )
+        tx.run("DELETE FROM email_tokens WHERE user_id = %s AND purpose = 'verify'", (user_id,))
+
+
+def delete_user(sql: SqlStore, user_id: int, tombstone: tuple[str, str, str, str]) -> list[str]:
+    """Remove an account and every row tied to it (credentials, sessions, links, audit
+    rows) in one transaction, leaving one account_deleted event (detail, ip, user agent,
+    request id) behind; the hashes of its sessions, whose cache keys must be marked."""
+    with sql.transaction() as tx:
+        hashes = [
+            row[0] for row in tx.all("SELECT id_hash FROM sessions WHERE user_id = %s", (user_id,))
+        ]
+        tx.run("DELETE FROM auth_events WHERE user_id = %s", (user_id,))
+        tx.run("DELETE FROM users WHERE id = %s", (user_id,))  # the rest cascades
+        tx.run(
+            "INSERT INTO auth_events"
+            " (created_at, user_id, event, detail, ip, user_agent, request_id)"
+            " VALUES (%s, %s, 'account_deleted', %s, %s, %s, %s)",
+            (utcnow(), user_id, *tombstone),
+        )
+    return hashes
+
+
+def get_user_record(sql: SqlStore, user_id: int) -> dict[str, Any] | None:
+    """Everything the users table holds of an account, for an export; None if unknown."""
+    row = sql.one(
+        "SELECT uid, email, phone, display_name, is_active, created_at, email_verified_at"
+        " FROM users WHERE id = %s",
+        (user_id,),
+    )
+    if row is None:
+        return None
+    names = ("uid", "email", "phone", "display_name", "is_active", "created_at")
+    record = dict(zip(names, row, strict=False))
+    record.update(uid=str(row[0]), is_active=bool(row[4]), email_verified_at=row[6])
+    return record
+
+
+def list_all_user_sessions(sql: SqlStore, user_id: int) -> list[tuple]:
+    """Every stored session row of a user, ended ones too (until the cleanup job deletes
+    them), newest first: (id_hash, user_agent, ip, created_at, last_seen_at, expires_at,
+    revoked_at)."""
+    return sql.all(
+        "SELECT id_hash, user_agent, ip, created_at, last_seen_at, expires_at, revoked_at"
+        " FROM sessions WHERE user_id = %s ORDER BY created_at DESC",
+        (user_id,),
+    )
+
+
+def list_email_tokens(sql: SqlStore, user_id: int) -> list[tuple]:
+    """A user's address links still out (never the tokens): (purpose, email, created_at,
+    expires_at)."""
+    return sql.all(
+        "SELECT purpose, email, created_at, expires_at FROM email_tokens WHERE user_id = %s",
+        (user_id,),
+    )
+
+
+def search_users(sql: SqlStore, search: str, limit: int) -> list[tuple]:
+    """Accounts whose email, phone or display name contains `search` (case-insensitive),
+    newest first: (id, email, phone, display_name, is_active, email verified, created_at)."""
+    escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    pattern = f"%{escaped}%"
+    return sql.all(
+        "SELECT id, email, phone, display_name, is_active, email_verified_at IS NOT NULL,"
+        " created_at FROM users WHERE lower(email) LIKE %s ESCAPE '\\'"
+        " OR COALESCE(phone, '') LIKE %s ESCAPE '\\'"
+        " OR lower(COALESCE(display_name, '')) LIKE %s ESCAPE '\\'"
+        " ORDER BY id DESC LIMIT %s",
+        (pattern, pattern, pattern, limit),
+    )
+
+
+# -- the audit log and the cleanup job ------------------------------------------------------
+
+
+def insert_auth_event(
+    sql: SqlStore,
+    event: str,
+    user_id: int | None,
+    detail: str = "",
+    ip: str = "",
+    user_agent: str = "",
+    request_id: str = "",
+) -> None:
+    """Append one event to the audit log."""
+    sql.run(
+        "INSERT INTO auth_events (created_at, user_id, event, detail, ip, user_agent, request_id)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (utcnow(), user_id, event, detail, ip, user_agent, request_id),
+    )
+
+
+def list_auth_events(
+    sql: SqlStore, user_id: int | None, since: dt.datetime, limit: int
+) -> list[tuple]:
+    """Audit events since a time, of one account (or of all when user_id is None), oldest
+    first: (created_at, user_id, event, detail, ip, user_agent, request_id)."""
+    columns = "created_at, user_id, event, detail, ip, user_agent, request_id"
+    if user_id is None:
+        rows = sql.all(
+            f"SELECT {columns} FROM auth_events WHERE created_at >= %s"
+            " ORDER BY created_at DESC, id DESC LIMIT %s",
+            (since, limit),
+        )
+    else:
+        rows = sql.all(
+            f"SELECT {columns} FROM auth_events WHERE user_id = %s AND created_at >= %s"
+            " ORDER BY created_at DESC, id DESC LIMIT %s",
+            (user_id, since, limit),
+        )
+    return rows[::-1]
+
+
+CLEANUP_LOCK_KEY = SCHEMA_LOCK_KEY + 1  # pg_try_advisory_xact_lock key of the cleanup job
+CLEANUP_BATCH = 500
+
+# What the cleanup job deletes, table by table, a batch at a time (by key, so that no
+# statement holds many row locks for long); the parameters: now, the idle cutoff, the
+# audit cutoff, the batch size.
+_CLEANUP_STEPS = (
+    (
+        "sessions",
+        "DELETE FROM sessions WHERE id_hash IN (SELECT id_hash FROM sessions"
+        " WHERE expires_at < %s OR revoked_at IS NOT NULL"
+        " OR COALESCE(last_seen_at, created_at) < %s LIMIT %s)",
+        (0, 1, 3),
+    ),
+    (
+        "password_resets",
+        "DELETE FROM password_resets WHERE token_hash IN"
+        " (SELECT token_hash FROM password_resets WHERE expires_at < %s LIMIT %s)",
+        (0, 3),
+    ),
+    (
+        "email_tokens",
+        "DELETE FROM email_tokens WHERE token_hash IN"
+        " (SELECT token_hash FROM email_tokens WHERE expires_at < %s LIMIT %s)",
+        (0, 3),
+    ),
+    (
+        "auth_events",
+        "DELETE FROM auth_events WHERE id IN"
+        " (SELECT id FROM auth_events WHERE created_at < %s LIMIT %s)",
+        (2, 3),
+    ),
+)
+
+
+def delete_expired_rows(
+    sql: SqlStore, idle: dt.timedelta, retention: dt.timedelta, batch: int = CLEANUP_BATCH
+) -> dict[str, int] | None:
+    """Delete ended sessions (expired, revoked, idle), expired links and audit rows past
+    their retention, in batches; rows deleted per table, or None when another process holds
+    the cleanup lock (it is doing the same)."""
+    now = utcnow()
+    values = (now, now - idle, now - retention, batch)
+    deleted = dict.fromkeys((name for name, _, _ in _CLEANUP_STEPS), 0)
+    for name, statement, picks in _CLEANUP_STEPS:
+        while True:
+            with sql.transaction() as tx:
+                if not sql.try_lock(tx, CLEANUP_LOCK_KEY):
+                    return None
+                count = tx.run(statement, tuple(values[i] for i in picks))
+            deleted[name] += count
+            if count < batch:
+                break
+    return deleted
+
+
 ###############################################################################
 # Key-value store
 ###############################################################################
@@ -1424,6 +1728,15 @@ class KeyValueStore:
 
     def delete(self, *keys: str) -> int:
         """Delete keys; return how many existed."""
+        raise NotImplementedError
+
+    def overwrite_unless(self, items: Sequence[tuple[str, str, int]], unless: str) -> None:
+        """Set each (key, value, ttl) unless the key holds `unless` now (checked and set as
+        one step per key), in one round trip."""
+        raise NotImplementedError
+
+    def get_list(self, key: str) -> list[str]:
+        """The items of a list, oldest first (none if it does not exist)."""
         raise NotImplementedError
 
     def hit_many(
@@ -1485,6 +1798,7 @@ class RedisStore(KeyValueStore):
         )
         self._client = redis.Redis(connection_pool=self._pool)
         self._hit_many = self._client.register_script(self._HIT_MANY)
+        self._overwrite_unless = self._client.register_script(self._OVERWRITE_UNLESS)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -1579,6 +1893,27 @@ return {out, items}
             pipe.get(before)
             replies = pipe.execute()
         return int(replies[1]) + int(replies[2] or 0)
+
+    _OVERWRITE_UNLESS = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) ~= ARGV[1] then
+    redis.call('SET', KEYS[i], ARGV[2 * i], 'EX', ARGV[2 * i + 1])
+  end
+end
+"""
+
+    def overwrite_unless(self, items: Sequence[tuple[str, str, int]], unless: str) -> None:
+        if not items:
+            return
+        args: list[Any] = [unless]
+        for _, value, ttl in items:
+            args += [value, max(1, ttl)]
+        with self._errors():
+            self._overwrite_unless(keys=[self._prefix + key for key, _, _ in items], args=args)
+
+    def get_list(self, key: str) -> list[str]:
+        with self._errors():
+            return list(self._client.lrange(self._prefix + key, 0, -1))
 
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
         full = self._prefix + key
@@ -1693,6 +2028,19 @@ class MemoryStore(KeyValueStore):
             self._wrote(now)
             before = self._live(key_before, now)
             return total + (before[0] if before is not None else 0)
+
+    def overwrite_unless(self, items: Sequence[tuple[str, str, int]], unless: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key, value, ttl in items:
+                entry = self._live(key, now)
+                if entry is None or entry[0] != unless:
+                    self._data[key] = (value, now + max(1, ttl))
+
+    def get_list(self, key: str) -> list[str]:
+        with self._lock:
+            entry = self._live(key, time.monotonic())
+            return list(entry[0]) if entry else []
 
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
         now = time.monotonic()
@@ -1967,6 +2315,15 @@ def lookup_email(raw: str) -> str | None:
     if "@" not in email or len(email) > EMAIL_MAX or not email.isprintable():
         return None
     return email
+
+
+USER_AGENT_MAX = 256
+
+
+def printable_text(value: str, limit: int) -> str:
+    """Client-written text fit to store and show: its first `limit` characters, without
+    control characters (PostgreSQL refuses NUL; a terminal obeys escapes)."""
+    return "".join(c for c in value[:limit] if c.isprintable())
 
 
 def normalize_phone(raw: str | None) -> str | None:
@@ -2251,7 +2608,15 @@ def _session_cache_key(id_hash: str) -> str:
 
 # What a cached session holds: the user's public fields, so that a request with a cached
 # session costs one Redis GET and no SQL. Only active users are cached.
-_CACHED_USER_FIELDS = ("id", "uid", "email", "phone", "display_name")
+_CACHED_USER_FIELDS = (
+    "id",
+    "uid",
+    "email",
+    "phone",
+    "display_name",
+    "email_verified",
+    "mfa_enabled",
+)
 _CACHED_USER_KEYS = frozenset(_CACHED_USER_FIELDS)
 # What a revoked session's cache key holds instead, for a while: a request that read the
 # session from SQL just before the revocation and fills the cache just after finds the key
@@ -2278,12 +2643,10 @@ def _cache_session(
     bound is how long a change made straight in SQL (not through CloudChat, which marks
     the key) can take to reach a live session.
     """
-    ttl = min(cfg.session_cache_seconds, int((expires_at - utcnow()).total_seconds()))
+    ttl = _cache_seconds(cfg, expires_at)
     if not kv.shared or ttl <= 0:
         return
-    value = json.dumps(
-        {name: getattr(user, name) for name in _CACHED_USER_FIELDS}, separators=(",", ":")
-    )
+    value = _cached_value(user)
     key = _session_cache_key(id_hash)
     try:
         if unreadable is None:
@@ -2292,6 +2655,38 @@ def _cache_session(
             kv.replace(key, unreadable, value, ttl)
     except StoreUnavailable as exc:
         outage_log.warning("session cache not filled", exc)
+
+
+def _cache_seconds(cfg: Config, expires_at: dt.datetime) -> int:
+    """How long a session may stay cached: SESSION_CACHE_SECONDS, never past its expiry."""
+    return min(cfg.session_cache_seconds, int((expires_at - utcnow()).total_seconds()))
+
+
+def _cached_value(user: User) -> str:
+    return json.dumps(
+        {name: getattr(user, name) for name in _CACHED_USER_FIELDS}, separators=(",", ":")
+    )
+
+
+def refresh_cached_sessions(sql: SqlStore, kv: KeyValueStore, cfg: Config, user_id: int) -> None:
+    """After a change of an account's profile or address, its cached sessions hold the new
+    values at once. A plain SET, not SET NX: a request that read the old row and fills the
+    cache afterwards finds the key taken; a revocation mark is never overwritten."""
+    if not kv.shared:
+        return
+    user = get_user_by_id(sql, user_id)
+    if user is None or not user.is_active:
+        return
+    value = _cached_value(user)
+    idle = dt.timedelta(seconds=cfg.session_idle_seconds)
+    items = [
+        (_session_cache_key(id_hash), value, _cache_seconds(cfg, as_datetime(expires)))
+        for id_hash, *_, expires in list_user_sessions(sql, user_id, idle)
+    ]
+    try:
+        kv.overwrite_unless([item for item in items if item[2] > 0], _REVOKED)
+    except StoreUnavailable as exc:
+        log.error("cached sessions not refreshed (they hold the old profile a while): %s", exc)
 
 
 def _user_from_cache(value: str) -> User | None:
@@ -2321,12 +2716,12 @@ def create_session(
         id_hash,
         user.id,
         # Client-written: no control characters (PostgreSQL refuses NUL), bounded length.
-        "".join(c for c in user_agent[:256] if c.isprintable()),
+        printable_text(user_agent, USER_AGENT_MAX),
         ip,
         expires_at,
         cfg.session_max_per_user,
     )
-    _mark_cached_sessions_revoked(kv, cfg, ended)
+    mark_cached_sessions_revoked(kv, cfg, ended)
     _cache_session(cfg, kv, id_hash, user, expires_at)
     return token
 
@@ -2366,7 +2761,7 @@ def revoke_session_by_hash(sql: SqlStore, kv: KeyValueStore, cfg: Config, id_has
     # cache from a live row, and a planted cookie must not make keys.
     if not mark_session_revoked(sql, id_hash):
         return False
-    _mark_cached_sessions_revoked(kv, cfg, [id_hash])
+    mark_cached_sessions_revoked(kv, cfg, [id_hash])
     return True
 
 
@@ -2378,23 +2773,23 @@ def session_public_id(id_hash: str) -> str:
 def revoke_user_sessions(
     sql: SqlStore, kv: KeyValueStore, cfg: Config, user_id: int, keep_token: str | None = None
 ) -> int:
-    """End every session of a user (but `keep_token`'s) and every password-reset link
-    still out for the account; return how many sessions ended.
+    """End every session of a user (but `keep_token`'s) and every password-reset and
+    change-of-address link still out for the account; return how many sessions ended.
 
-    Every caller (password change and reset, deactivation) ends what a thief may hold: a
-    link mailed before the change must not undo it. The per-user index is sessions(user_id)
-    in SQL: it survives a Redis flush, and the hashes it returns name exactly the cache
-    keys to mark, so nothing scans the key space.
+    Every caller (password change and reset, change of address, deactivation) ends what a
+    thief may hold: a link mailed before the change must not undo it. The per-user index is
+    sessions(user_id) in SQL: it survives a Redis flush, and the hashes it returns name
+    exactly the cache keys to mark, so nothing scans the key space.
     """
     hashes = mark_user_sessions_revoked(
         sql, user_id, token_hash(keep_token) if keep_token else None
     )
     delete_reset_tokens(sql, user_id)
-    _mark_cached_sessions_revoked(kv, cfg, hashes)
+    mark_cached_sessions_revoked(kv, cfg, hashes)
     return len(hashes)
 
 
-def _mark_cached_sessions_revoked(kv: KeyValueStore, cfg: Config, hashes: list[str]) -> None:
+def mark_cached_sessions_revoked(kv: KeyValueStore, cfg: Config, hashes: list[str]) -> None:
     if not kv.shared:
         return
     try:
@@ -2461,6 +2856,67 @@ def password_changed_mail(cfg: Config, to: str) -> Mail:
         f"Hello,\n\nthe password of your {cfg.site_name} account {to} was just changed.\n\n"
         f"If that was not you, reset it at once from {cfg.frontend_base_url}/ and reply to"
         f" this mail.\n\n- {cfg.site_name}\n",
+    )
+
+
+def verify_mail(cfg: Config, to: str, token: str, welcome: bool) -> Mail:
+    """The link that confirms an account's address; at registration, with the welcome."""
+    link = f"{cfg.frontend_base_url}/verify_email?token={token}"
+    hours = max(1, cfg.email_token_ttl // 3600)
+    opening = (
+        f"your {cfg.site_name} account for {to} is ready."
+        if welcome
+        else f"someone asked to confirm this address for your {cfg.site_name} account."
+    )
+    return Mail(
+        "verify",
+        to,
+        f"Confirm your email address for {cfg.site_name}",
+        f"Hello,\n\n{opening} To confirm that this address is yours, open this link within"
+        f" {hours} hours:\n\n{link}\n\nThe link works once. If you did not ask for it, ignore"
+        f" this mail.\n\n- {cfg.site_name}\n",
+        secret=token,
+    )
+
+
+def email_change_mail(cfg: Config, to: str, token: str) -> Mail:
+    """The link, to the new address, that makes it the account's."""
+    link = f"{cfg.frontend_base_url}/verify_email?token={token}"
+    hours = max(1, cfg.email_token_ttl // 3600)
+    return Mail(
+        "email_change",
+        to,
+        f"Confirm your new email address for {cfg.site_name}",
+        f"Hello,\n\nsomeone asked to move a {cfg.site_name} account to this address. To"
+        f" confirm it, open this link within {hours} hours:\n\n{link}\n\nUntil then the"
+        f" account keeps its old address. If you did not ask for it, ignore this mail.\n\n"
+        f"- {cfg.site_name}\n",
+        secret=token,
+    )
+
+
+def email_change_notice_mail(cfg: Config, to: str, new_address: str) -> Mail:
+    """The notice, to the old address, that a move to another one was asked for."""
+    return Mail(
+        "email_change_notice",
+        to,
+        f"Your {cfg.site_name} email address is about to change",
+        f"Hello,\n\nsomeone signed in to your {cfg.site_name} account {to} asked to move it"
+        f" to {mask_email(new_address)}. It moves when the link mailed there is used.\n\n"
+        f"If that was not you, change your password at once from {cfg.frontend_base_url}/"
+        f" (that also ends the move) and reply to this mail.\n\n- {cfg.site_name}\n",
+    )
+
+
+def account_deleted_mail(cfg: Config, to: str) -> Mail:
+    """The confirmation that an account and its data are gone."""
+    return Mail(
+        "account_deleted",
+        to,
+        f"Your {cfg.site_name} account was deleted",
+        f"Hello,\n\nyour {cfg.site_name} account {to} and everything stored with it were"
+        f" deleted just now.\n\nIf that was not you, reply to this mail.\n\n"
+        f"- {cfg.site_name}\n",
     )
 
 
@@ -3055,7 +3511,7 @@ def history_owner(user: User | None, visitor: str | None) -> str | None:
     return f"user:{user.id}" if user is not None else visitor
 
 
-def _history_key(owner: str) -> str:
+def history_key(owner: str) -> str:
     return f"chat:{token_hash(owner)[:32]}"
 
 
@@ -3089,12 +3545,17 @@ def count_chat_and_load_history(
         every_check.insert(1, new_visitor_check)
     reads_history = owner is not None and new_visitor_check is None and cfg.max_history > 0
     counts, items = kv.hit_many(
-        rate_limit_windows(every_check), read_list=_history_key(owner) if reads_history else None
+        rate_limit_windows(every_check), read_list=history_key(owner) if reads_history else None
     )
     may_issue = new_visitor_check is None or counts[1][0] <= new_visitor_check[0].limit
     if new_visitor_check:
         del counts[1]
     wait = seconds_until_allowed(checks, counts)
+    return wait, parse_history(items)[-2 * cfg.max_history :], may_issue
+
+
+def parse_history(items: Sequence[str]) -> list[dict[str, str]]:
+    """The messages of a history list's items (anything unreadable left out)."""
     messages = []
     for item in items:
         try:
@@ -3103,7 +3564,7 @@ def count_chat_and_load_history(
             continue
         if isinstance(message, dict) and message.get("role") in ("user", "assistant"):
             messages.append({"role": message["role"], "content": str(message.get("content"))})
-    return wait, messages[-2 * cfg.max_history :], may_issue
+    return messages
 
 
 def _history_item(role: str, content: str) -> str:
@@ -3160,13 +3621,18 @@ def save_round(
             "chat history budget reached", "new rounds are not kept (CHAT_HISTORY_BUDGET_MB)"
         )
         return False
-    kv.append_list(_history_key(owner), items, keep, window)
+    kv.append_list(history_key(owner), items, keep, window)
     return True
+
+
+def read_history(kv: KeyValueStore, owner: str) -> list[dict[str, str]]:
+    """The owner's kept rounds, oldest first."""
+    return parse_history(kv.get_list(history_key(owner)))
 
 
 def clear_history(kv: KeyValueStore, owner: str) -> None:
     """Forget the owner's history."""
-    kv.delete(_history_key(owner))
+    kv.delete(history_key(owner))
 
 
 class VisitorLeft(Exception):
@@ -3819,7 +4285,180 @@ def over_login_limits(s: Services, account_id: int | None, device: str | None = 
 INVALID_CREDENTIALS = ("invalid_credentials", "Invalid credentials")
 
 
-def issue_password_reset(s: Services, email: str | None, phone: str | None) -> str | None:
+def request_visitor_id(s: Services) -> str | None:
+    """The request's visitor id, if this server issued it (and it is not too old)."""
+    raw = read_cookie(s.cfg.app_session_cookie_name) or ""
+    return raw if visitor_id_is_valid(s.secret, raw, s.cfg.session_ttl) else None
+
+
+# -- the audit log -------------------------------------------------------------------------
+
+# Who did it, from where: (client address, user agent, request id). The command line's.
+Origin = tuple[str, str, str]
+
+
+def request_origin(cfg: Config) -> Origin:
+    """The request's client address, user agent and request id, as the audit log keeps them."""
+    environ = bottle.request.environ
+    return (
+        client_ip(environ, cfg.trusted_proxies),
+        printable_text(environ.get("HTTP_USER_AGENT", ""), USER_AGENT_MAX),
+        _request_id(),
+    )
+
+
+def record_event(
+    sql: SqlStore, event: str, user_id: int | None, origin: Origin, **detail: Any
+) -> None:
+    """Append an event to the audit log; a database that fails here costs a log line, not
+    the request (whose own SQL already went through). Never a password, token or cookie."""
+    text = " ".join(f"{name}={value}" for name, value in detail.items())
+    try:
+        insert_auth_event(sql, event, user_id, text, *origin)
+    except StoreUnavailable as exc:
+        log.error("audit event %s not recorded: %s", event, exc)
+
+
+def audit(s: Services, event: str, user_id: int | None, **detail: Any) -> None:
+    """Record an event of the request being served."""
+    record_event(s.sql, event, user_id, request_origin(s.cfg), **detail)
+
+
+def audit_limited_login(s: Services, account_id: int | None, retry_after: int) -> None:
+    """Record a login refused by a rate limit once per address, account and window: a
+    flood of refused attempts must not become a flood of rows."""
+    origin = request_origin(s.cfg)
+    marker = token_hash(f"{client_address_key(s.cfg)}|{account_id}")[:32]
+    try:
+        first = s.kv.set(f"audit:login_limited:{marker}", "1", retry_after, only_if_absent=True)
+    except StoreUnavailable as exc:
+        log.error("refused login not recorded: %s", exc)
+        return
+    if first:
+        record_event(s.sql, "login_limited", account_id, origin)
+
+
+# -- accounts: what the handlers and the command line share -------------------------------
+
+# The rate-limit counters keyed by an account (its id), which its deletion removes.
+ACCOUNT_LIMIT_ACTIONS = ("login_id", "forgot_id", "resend_id", "email_change_id", "account")
+
+
+def account_limit_keys(user: User) -> list[str]:
+    """The key-value keys of the rate limits that count this account's attempts."""
+    checks = [
+        LimitCheck(RateLimit(1, 1), action, f"user:{user.id}") for action in ACCOUNT_LIMIT_ACTIONS
+    ]
+    checks.append(LimitCheck(RateLimit(1, 1), "register_email", user.email))
+    return [key for key, _, _ in rate_limit_windows(checks)]
+
+
+def delete_account(
+    sql: SqlStore, kv: KeyValueStore, cfg: Config, user: User, origin: Origin, by: str
+) -> None:
+    """Remove an account and everything tied to it: its rows in one transaction (leaving
+    the account_deleted event), then its keys (sessions cache, chat history, limits)."""
+    hashes = delete_user(sql, user.id, (f"by={by}", *origin))
+    mark_cached_sessions_revoked(kv, cfg, hashes)
+    owner = history_owner(user, None)
+    assert owner is not None
+    try:
+        kv.delete(history_key(owner), *account_limit_keys(user))
+    except StoreUnavailable as exc:
+        log.error("deleted account's history and counters left to expire: %s", exc)
+
+
+def export_account(sql: SqlStore, kv: KeyValueStore, user: User) -> dict[str, Any]:
+    """Everything stored about an account: profile, sessions, address links still out (not
+    their tokens), audit events, chat history, usage."""
+    profile = get_user_record(sql, user.id) or {}
+    for name in ("created_at", "email_verified_at"):
+        profile[name] = _iso(profile.get(name))
+    profile["mfa_enabled"] = user.mfa_enabled
+    sessions = [
+        {
+            "id": session_public_id(id_hash),
+            "created_at": _iso(created),
+            "last_seen_at": _iso(seen or created),
+            "expires_at": _iso(expires),
+            "revoked_at": _iso(revoked),
+            "user_agent": agent or "",
+            "ip": ip or "",
+        }
+        for id_hash, agent, ip, created, seen, expires, revoked in list_all_user_sessions(
+            sql, user.id
+        )
+    ]
+    links = [
+        {"purpose": purpose, "email": email, "created_at": _iso(created), "expires_at": _iso(ends)}
+        for purpose, email, created, ends in list_email_tokens(sql, user.id)
+    ]
+    events = [
+        {
+            "at": _iso(at),
+            "event": event,
+            "detail": detail or "",
+            "ip": ip or "",
+            "user_agent": agent or "",
+            "request_id": rid or "",
+        }
+        for at, _, event, detail, ip, agent, rid in list_auth_events(
+            sql, user.id, dt.datetime(1970, 1, 1, tzinfo=dt.UTC), EXPORT_EVENTS_MAX
+        )
+    ]
+    owner = history_owner(user, None)
+    assert owner is not None
+    return {
+        "exported_at": _iso(utcnow()),
+        "profile": profile,
+        "sessions": sessions,
+        "email_links": links,
+        "events": events,
+        "chat_history": read_history(kv, owner),
+        "usage": [],
+    }
+
+
+EXPORT_EVENTS_MAX = 100_000
+
+
+def _iso(value: Any) -> str | None:
+    """A stored time as ISO 8601 UTC, or None."""
+    if value is None:
+        return None
+    return as_datetime(value).astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def run_cleanup(sql: SqlStore, cfg: Config) -> dict[str, int] | None:
+    """One run of the cleanup job, logged; rows deleted per table, None if another process
+    was at it."""
+    deleted = delete_expired_rows(
+        sql,
+        dt.timedelta(seconds=cfg.session_idle_seconds),
+        dt.timedelta(days=cfg.audit_retention_days),
+    )
+    if deleted is None:
+        log.info("cleanup: another process is at it, skipped")
+    else:
+        log.info("cleanup: deleted %s", ", ".join(f"{n} {t}" for t, n in deleted.items()))
+    return deleted
+
+
+def cleanup_forever(sql: SqlStore, cfg: Config) -> None:
+    """The server's cleanup job: every CLEANUP_INTERVAL_SECONDS (the first run a random part
+    of one after the start, so that instances started together spread out)."""
+    gevent.sleep(random.uniform(0.1, 1.0) * cfg.cleanup_interval)
+    while True:
+        try:
+            run_cleanup(sql, cfg)
+        except (StoreUnavailable, DuplicateError) as exc:
+            outage_log.warning("cleanup failed, next try in one interval", exc)
+        gevent.sleep(cfg.cleanup_interval)
+
+
+def issue_password_reset(
+    s: Services, email: str | None, phone: str | None, origin: Origin
+) -> str | None:
     """Store a reset token for the account and mail its link, within the account's limit
     (email and phone alike); the token, or None."""
     found = get_password_login(s.sql, email, phone)
@@ -3837,13 +4476,211 @@ def issue_password_reset(s: Services, email: str | None, phone: str | None) -> s
     expires_at = utcnow() + dt.timedelta(seconds=s.cfg.pwreset_token_ttl)
     replace_reset_token(s.sql, user.id, token_hash(token), expires_at)
     s.mailer.send(reset_mail(s.cfg, user.email, token))
+    record_event(s.sql, "reset_link_sent", user.id, origin)
     return token
 
 
-def request_visitor_id(s: Services) -> str | None:
-    """The request's visitor id, if this server issued it (and it is not too old)."""
-    raw = read_cookie(s.cfg.app_session_cookie_name) or ""
-    return raw if visitor_id_is_valid(s.secret, raw, s.cfg.session_ttl) else None
+def confirm_password(s: Services, user: User, password: str, action: str) -> None:
+    """The signed-in user's password again before a change to the account; the uniform 401
+    for a wrong one.
+
+    A wrong password is a password guess: it counts like a login attempt, on this session's
+    own key (as a device's): failures of others who try to log in to the account must not
+    stop its owner, signed in, from managing it.
+    """
+    cfg = s.cfg
+    checks: list[LimitCheck] = [
+        LimitCheck(cfg.rate_login_ip, "login_ip", client_address_key(cfg)),
+        LimitCheck(cfg.rate_login_identifier, "change_session", token_hash(auth_token(cfg) or "")),
+    ]
+    if over_rate_limits(s.kv, checks) is not None:
+        s.hasher.spend_one_verification(password)
+        raise ApiError(401, *INVALID_CREDENTIALS)
+    password_hash = get_password_hash(s.sql, user.id)
+    if password_hash is None or not s.hasher.verify(password_hash, password):
+        audit(s, "password_check_failed", user.id, action=action)
+        raise ApiError(401, *INVALID_CREDENTIALS)
+
+
+def read_display_name(value: Any) -> str | None:
+    """A display name from a body field (blank or null: none); a 400 if unfit."""
+    name = (str_field({"display_name": value}, "display_name") or "").strip()
+    if name and (len(name) > DISPLAY_NAME_MAX or not name.isprintable()):
+        raise ApiError(
+            400, "invalid_input", f"Display name must be at most {DISPLAY_NAME_MAX} characters"
+        )
+    return name or None
+
+
+def read_phone(value: Any) -> str | None:
+    """A normalised phone number from a body field (blank or null: none); a 400 if unfit."""
+    raw = (str_field({"phone": value}, "phone") or "").strip()
+    phone = normalize_phone(raw) if raw else None
+    if raw and phone is None:
+        raise ApiError(400, "invalid_phone", "Phone must be digits with an optional leading +")
+    return phone
+
+
+def issue_email_verification(s: Services, user: User, origin: Origin, welcome: bool = False) -> str:
+    """Store a verification token for the account's present address and mail its link."""
+    token = new_token()
+    expires_at = utcnow() + dt.timedelta(seconds=s.cfg.email_token_ttl)
+    replace_email_token(s.sql, user.id, "verify", user.email, token_hash(token), expires_at)
+    s.mailer.send(verify_mail(s.cfg, user.email, token, welcome))
+    record_event(s.sql, "verification_sent", user.id, origin)
+    return token
+
+
+def resend_verification(
+    s: Services, email: str | None, phone: str | None, origin: Origin
+) -> str | None:
+    """A new verification link for an active, unverified account, within the account's
+    limit (email and phone alike); the token, or None."""
+    found = get_password_login(s.sql, email, phone)
+    if found is None or not found[0].is_active or found[0].email_verified:
+        log.info("verification: no unverified active account for the identifier, nothing sent")
+        return None
+    user = found[0]
+    account = LimitCheck(s.cfg.rate_forgot_identifier, "resend_id", f"user:{user.id}")
+    if over_rate_limits(s.kv, [account]) is not None:
+        log.info("verification: over the rate limit of the account, nothing sent")
+        return None
+    return issue_email_verification(s, user, origin)
+
+
+# -- handlers: addresses and the account itself --------------------------------------------
+
+
+def verify_email(s: Services) -> dict[str, Any]:
+    """POST /auth/email/verify {"token"}: confirm an address with its mailed link, once; a
+    change-of-address link makes the new address the account's."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    token = (str_field(body, "token") or "").strip()
+    enforce_rate_limits(s.kv, [LimitCheck(cfg.rate_token_ip, "token_ip", client_address_key(cfg))])
+    invalid = ApiError(400, "invalid_token", "Token invalid or expired")
+    if not token or len(token) > 128:
+        raise invalid
+    try:
+        used = use_email_token(s.sql, token_hash(token))
+    except DuplicateError:
+        raise ApiError(409, "email_taken", "Email already registered") from None
+    if used is None:
+        raise invalid
+    user_id, purpose, address = used
+    if purpose == "change":
+        # Every other device's session ends with the old address (a thief's too); this
+        # browser's stays if it is the account's own.
+        current = current_user(s)
+        keep = auth_token(cfg) if current is not None and current.id == user_id else None
+        revoked = revoke_user_sessions(s.sql, s.kv, cfg, user_id, keep_token=keep)
+        audit(s, "email_changed", user_id, to=mask_email(address), revoked_sessions=revoked)
+    else:
+        audit(s, "email_verified", user_id)
+    refresh_cached_sessions(s.sql, s.kv, cfg, user_id)
+    return {"ok": True}
+
+
+def resend_verification_link(s: Services) -> dict[str, Any]:
+    """POST /auth/email/resend {"identifier"}: always 200; a new link when the account
+    exists and is unverified."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    identifier = (str_field(body, "identifier") or str_field(body, "email") or "").strip()
+    if not identifier:
+        raise ApiError(400, "invalid_input", "Identifier is required")
+    email, phone = parse_identifier(identifier)
+    address = LimitCheck(cfg.rate_forgot_ip, "resend_ip", client_address_key(cfg))
+    if over_rate_limits(s.kv, [address]) is not None:
+        log.info("verification: over the rate limit, nothing sent")
+    elif email or phone:
+        # Looked up after the answer is sent: its timing cannot tell whether the account
+        # exists or is verified.
+        s.jobs.spawn(resend_verification, s, email, phone, request_origin(cfg))
+    return {"ok": True}
+
+
+def change_email(s: Services, user: User) -> dict[str, Any]:
+    """POST /auth/email/change {"password", "new_email"}: a link to the new address (which
+    becomes the account's when it is used), a notice to the old one."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    password = str_field(body, "password") or ""
+    raw = str_field(body, "new_email")
+    if not password or not raw:
+        raise ApiError(400, "invalid_input", "password and new_email are required")
+    new_email = normalize_email(raw)
+    if new_email is None:
+        raise ApiError(400, "invalid_email", "A valid email address is required")
+    if new_email == user.email.lower():
+        raise ApiError(400, "invalid_input", "That is the account's address already")
+    confirm_password(s, user, password, "email_change")
+    # Each change mails an address the caller chose: limited like reset links, so that the
+    # server cannot be made to mail anyone at will.
+    account = LimitCheck(cfg.rate_forgot_identifier, "email_change_id", f"user:{user.id}")
+    enforce_rate_limits(s.kv, [account])
+    if get_user_by_email(s.sql, new_email) is not None:
+        raise ApiError(409, "email_taken", "Email already registered")
+    token = new_token()
+    expires_at = utcnow() + dt.timedelta(seconds=cfg.email_token_ttl)
+    replace_email_token(s.sql, user.id, "change", new_email, token_hash(token), expires_at)
+    s.mailer.send(email_change_mail(cfg, new_email, token))
+    s.mailer.send(email_change_notice_mail(cfg, user.email, new_email))
+    audit(s, "email_change_requested", user.id, to=mask_email(new_email))
+    return {"ok": True}
+
+
+PROFILE_FIELDS = frozenset(("display_name", "phone"))
+
+
+def update_me(s: Services, user: User) -> dict[str, Any]:
+    """PATCH /auth/me {"display_name"?, "phone"?}: the caller's profile; null or "" clears
+    a field; 409 for a phone number another account has."""
+    count_account_action(s, user)
+    body = read_json_object(s.cfg.max_body_bytes, s.cfg.body_timeout)
+    if not body or not body.keys() <= PROFILE_FIELDS:
+        raise ApiError(400, "invalid_input", "Send display_name and/or phone, nothing else")
+    display_name = read_display_name(body["display_name"]) if "display_name" in body else None
+    phone = read_phone(body["phone"]) if "phone" in body else None
+    try:
+        update_profile(
+            s.sql,
+            user.id,
+            display_name if "display_name" in body else user.display_name,
+            phone if "phone" in body else user.phone,
+        )
+    except DuplicateError:
+        raise ApiError(409, "phone_taken", "Phone number already registered") from None
+    refresh_cached_sessions(s.sql, s.kv, s.cfg, user.id)
+    audit(s, "profile_updated", user.id, fields=",".join(sorted(body)))
+    fresh = get_user_by_id(s.sql, user.id)
+    if fresh is None:  # deleted in between
+        raise ApiError(401, "unauthorized", "Unauthorized")
+    return {"ok": True, "user": fresh.public()}
+
+
+def delete_me(s: Services, user: User) -> dict[str, Any]:
+    """DELETE /auth/me {"password"}: the account and everything tied to it are gone."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    password = str_field(body, "password") or ""
+    if not password:
+        raise ApiError(400, "invalid_input", "password is required")
+    confirm_password(s, user, password, "delete_account")
+    delete_account(s.sql, s.kv, cfg, user, request_origin(cfg), by="self")
+    s.mailer.send(account_deleted_mail(cfg, user.email))
+    expire_login_cookies(cfg)
+    set_cookie(cfg, DEVICE_COOKIE_NAME, "", 0)
+    return {"ok": True}
+
+
+def export_me(s: Services, user: User) -> dict[str, Any]:
+    """GET /auth/me/export: everything stored about the caller, as a JSON download."""
+    count_account_action(s, user)
+    bottle.response.set_header(
+        "Content-Disposition", 'attachment; filename="cloudchat-export.json"'
+    )
+    return {"ok": True, **export_account(s.sql, s.kv, user)}
 
 
 # -- handlers: accounts ------------------------------------------------------------------
@@ -3855,20 +4692,13 @@ def register(s: Services) -> dict[str, Any]:
     body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
     email = normalize_email(str_field(body, "email"))
     password = str_field(body, "password")
-    phone_raw = (str_field(body, "phone") or "").strip()
-    phone = normalize_phone(phone_raw) if phone_raw else None
-    display_name = (str_field(body, "display_name") or "").strip() or None
     if email is None:
         raise ApiError(400, "invalid_email", "A valid email address is required")
     problem = s.passwords.problem(password or "", email)
     if problem:
         raise ApiError(400, "weak_password", problem)
-    if phone_raw and phone is None:
-        raise ApiError(400, "invalid_phone", "Phone must be digits with an optional leading +")
-    if display_name and (len(display_name) > DISPLAY_NAME_MAX or not display_name.isprintable()):
-        raise ApiError(
-            400, "invalid_input", f"Display name must be at most {DISPLAY_NAME_MAX} characters"
-        )
+    phone = read_phone(body.get("phone"))
+    display_name = read_display_name(body.get("display_name"))
     enforce_rate_limits(
         s.kv,
         [
@@ -3878,13 +4708,18 @@ def register(s: Services) -> dict[str, Any]:
     )
     password_hash = s.hasher.hash(password)
     try:
-        insert_user(s.sql, email, phone, display_name, password_hash)
+        user_id = insert_user(s.sql, email, phone, display_name, password_hash)
     except DuplicateError as exc:
         # The constraints decide uniqueness: a check-then-insert would race.
         if "phone" in exc.constraint:
             raise ApiError(409, "phone_taken", "Phone number already registered") from None
         raise ApiError(409, "email_taken", "Email already registered") from None
-    s.mailer.send(welcome_mail(cfg, email))
+    audit(s, "register", user_id)
+    user = get_user_by_id(s.sql, user_id)
+    if cfg.email_verification != "off" and user is not None:
+        issue_email_verification(s, user, request_origin(cfg), welcome=True)
+    else:
+        s.mailer.send(welcome_mail(cfg, email))
     bottle.response.status = 201
     return {"ok": True}
 
@@ -3908,12 +4743,24 @@ def login(s: Services) -> dict[str, Any]:
         if account_id is not None
         else None
     )
-    if over_login_limits(s, account_id, device) is not None or found is None:
+    retry_after = over_login_limits(s, account_id, device)
+    if retry_after is not None or found is None:
         s.hasher.spend_one_verification(password)
+        if retry_after is not None:
+            audit_limited_login(s, account_id, retry_after)
+        else:
+            audit(s, "login_failed", None, reason="unknown_account")
         raise ApiError(401, *INVALID_CREDENTIALS)
     user, password_hash = found
     if not s.hasher.verify(password_hash, password) or not user.is_active:
+        audit(s, "login_failed", user.id, reason="password" if user.is_active else "inactive")
         raise ApiError(401, *INVALID_CREDENTIALS)
+    if cfg.email_verification == "required" and not user.email_verified:
+        # After the password check: without the password, nothing tells this apart.
+        audit(s, "login_failed", user.id, reason="email_not_verified")
+        raise ApiError(
+            403, "email_not_verified", "Confirm your email address first, with the link we sent"
+        )
     if s.hasher.needs_rehash(password_hash):
         update_password_hash(s.sql, user.id, s.hasher.hash(password))
     previous = auth_token(cfg)
@@ -3923,6 +4770,7 @@ def login(s: Services) -> dict[str, Any]:
     user_agent = bottle.request.environ.get("HTTP_USER_AGENT", "")
     ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
     token = create_session(s.sql, s.kv, cfg, user, user_agent, ip)
+    audit(s, "login_ok", user.id, session=session_public_id(token_hash(token)))
     _set_auth_cookie(cfg, token, cfg.session_ttl)
     if device is None:
         cookie = new_device_cookie(s.secret, user.id)
@@ -3958,13 +4806,15 @@ def logout(s: Services) -> dict[str, Any]:
     if scope not in LOGOUT_SCOPES:
         raise ApiError(400, "invalid_input", "scope must be local, others or global")
     token = auth_token(cfg)
-    user = current_user(s) if token and scope != "local" else None
+    user = current_user(s) if token else None
     revoked = 0
-    if user is not None:
+    if user is not None and scope != "local":
         keep = token if scope == "others" else None
         revoked = revoke_user_sessions(s.sql, s.kv, cfg, user.id, keep_token=keep)
     elif token and scope == "local":
         revoked = int(revoke_session(s.sql, s.kv, cfg, token))
+    if user is not None:
+        audit(s, "logout", user.id, scope=scope, revoked_sessions=revoked)
     if scope != "others":
         expire_login_cookies(cfg)
     return {"ok": True, "revoked_sessions": revoked}
@@ -3973,13 +4823,6 @@ def logout(s: Services) -> dict[str, Any]:
 def own_sessions(s: Services, user: User) -> list[tuple]:
     """The caller's live sessions (list_user_sessions), with the configured idle timeout."""
     return list_user_sessions(s.sql, user.id, dt.timedelta(seconds=s.cfg.session_idle_seconds))
-
-
-def _iso(value: Any) -> str | None:
-    """A stored time as ISO 8601 UTC, or None."""
-    if value is None:
-        return None
-    return as_datetime(value).astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def list_sessions(s: Services, user: User) -> dict[str, Any]:
@@ -4013,6 +4856,7 @@ def delete_session(s: Services, user: User, session_id: str) -> dict[str, Any]:
     for id_hash, *_ in own_sessions(s, user):
         if hmac.compare_digest(session_public_id(id_hash), session_id):
             revoke_session_by_hash(s.sql, s.kv, s.cfg, id_hash)
+            audit(s, "session_revoked", user.id, session=session_id)
             if id_hash == token_hash(auth_token(s.cfg) or ""):
                 expire_login_cookies(s.cfg)  # the current session: a logout
             return {"ok": True}
@@ -4042,13 +4886,13 @@ def forgot_password(s: Services) -> dict[str, Any]:
     if over is not None:
         log.info("password reset: over the rate limit, nothing sent")
     elif (email or phone) and cfg.debug_return_reset_token:
-        token = issue_password_reset(s, email, phone)
+        token = issue_password_reset(s, email, phone, request_origin(cfg))
         if token:
             answer.update(debug_token=token, debug_ttl=cfg.pwreset_token_ttl)
     elif email or phone:
         # Looked up after the answer is sent: its timing cannot tell whether the
         # account exists.
-        s.jobs.spawn(issue_password_reset, s, email, phone)
+        s.jobs.spawn(issue_password_reset, s, email, phone, request_origin(cfg))
     return answer
 
 
@@ -4076,6 +4920,7 @@ def reset_password(s: Services) -> dict[str, Any]:
     if user_id is None:
         raise invalid
     revoked = revoke_user_sessions(s.sql, s.kv, cfg, user_id) if cfg.pwreset_revoke_sessions else 0
+    audit(s, "password_reset", user_id, revoked_sessions=revoked)
     user = get_user_by_id(s.sql, user_id)
     if user:
         s.mailer.send(password_changed_mail(cfg, user.email))
@@ -4093,20 +4938,10 @@ def change_password(s: Services, user: User) -> dict[str, Any]:
     problem = s.passwords.problem(new, user.email)
     if problem:
         raise ApiError(400, "weak_password", problem)
-    # A wrong current password is a password guess: it counts like a login attempt, on
-    # this session's own key (as a device's): failures of others who try to log in to
-    # the account must not stop its owner, signed in, from changing the password.
-    checks: list[LimitCheck] = [
-        LimitCheck(cfg.rate_login_ip, "login_ip", client_address_key(cfg)),
-        LimitCheck(cfg.rate_login_identifier, "change_session", token_hash(auth_token(cfg) or "")),
-    ]
-    if over_rate_limits(s.kv, checks) is not None:
-        raise ApiError(401, *INVALID_CREDENTIALS)
-    found = get_password_login(s.sql, user.email, None)
-    if found is None or not s.hasher.verify(found[1], current):
-        raise ApiError(401, *INVALID_CREDENTIALS)
+    confirm_password(s, user, current, "password_change")
     update_password_hash(s.sql, user.id, s.hasher.hash(new))
     revoked = revoke_user_sessions(s.sql, s.kv, cfg, user.id, keep_token=auth_token(cfg))
+    audit(s, "password_changed", user.id, revoked_sessions=revoked)
     s.mailer.send(password_changed_mail(cfg, user.email))
     return {"ok": True, "revoked_sessions": revoked}
 
@@ -4214,6 +5049,9 @@ ROUTES = (
     Route("POST", "/auth/login", login, limits=("login_ip", "login_id | login_device")),
     Route("POST", "/auth/logout", logout),
     Route("GET", "/auth/me", me, login=True),
+    Route("PATCH", "/auth/me", update_me, login=True, limits=("account",)),
+    Route("DELETE", "/auth/me", delete_me, login=True, limits=("login_ip", "change_session")),
+    Route("GET", "/auth/me/export", export_me, login=True, limits=("account",)),
     Route("GET", "/auth/sessions", list_sessions, login=True, limits=("account",)),
     Route(
         "DELETE",
@@ -4224,6 +5062,20 @@ ROUTES = (
     ),
     Route("POST", "/auth/password/forgot", forgot_password, limits=("forgot_ip", "forgot_id")),
     Route("POST", "/auth/password/reset", reset_password),
+    Route("POST", "/auth/email/verify", verify_email, limits=("token_ip",)),
+    Route(
+        "POST",
+        "/auth/email/resend",
+        resend_verification_link,
+        limits=("resend_ip", "resend_id"),
+    ),
+    Route(
+        "POST",
+        "/auth/email/change",
+        change_email,
+        login=True,
+        limits=("login_ip", "change_session", "email_change_id"),
+    ),
     Route(
         "POST",
         "/auth/password/change",
@@ -4735,7 +5587,12 @@ def serve(cfg: Config) -> int:
     host, port = server.address[:2]
     log.info("cloudchat %s listening on http://%s:%d", __version__, host, port)
     log.info("at most %d client connections at once", server.max_connections)
+    cleaner = None
+    if cfg.cleanup_interval:
+        cleaner = gevent.spawn(cleanup_forever, application.services.sql, cfg)
     server.serve_forever()
+    if cleaner is not None:
+        cleaner.kill(block=False)
     # Queued mail shares the one grace period with the requests in flight.
     spent = time.monotonic() - stopping_since[0] if stopping_since else 0.0
     application.services.jobs.wait(max(0.5, cfg.shutdown_grace - spent))
@@ -4772,30 +5629,234 @@ def initdb(cfg: Config) -> int:
     return 0
 
 
-def set_account_active(cfg: Config, address: str, active: bool) -> int:
-    """Command line: (de)activate an account; deactivation ends its live sessions at once."""
-    email = lookup_email(address)  # lenient: an old account's odd address must be reachable
-    if email is None:
-        print(f"cloudchat: not an email address: {address!r}", file=sys.stderr)
-        return 1
+class CommandError(Exception):
+    """A command-line command cannot do what it was asked; the message says why."""
+
+
+@contextlib.contextmanager
+def open_stores(cfg: Config) -> Iterator[tuple[SqlStore, KeyValueStore]]:
+    """The server's stores, for a command; a store that does not answer is a CommandError."""
     sql, kv = open_sql_store(cfg), open_kv_store(cfg)
     try:
-        user_id = set_user_active(sql, email, active)
-        if user_id is None:
-            print(f"cloudchat: no account with the email {address!r}", file=sys.stderr)
-            return 1
-        # Through CloudChat rather than a bare UPDATE: the cached sessions go too, so the
-        # account's next request is refused instead of up to SESSION_CACHE_SECONDS later.
-        ended = 0 if active else revoke_user_sessions(sql, kv, cfg, user_id)
+        yield sql, kv
     except StoreUnavailable as exc:
-        print(f"cloudchat: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from exc
     finally:
         kv.close()
         sql.close()
+
+
+def find_account(sql: SqlStore, address: str) -> User:
+    """The account with this email address (read leniently: an old account's odd address
+    must be reachable); CommandError if there is none."""
+    email = lookup_email(address)
+    if email is None:
+        raise CommandError(f"not an email address: {address!r}")
+    user = get_user_by_email(sql, email)
+    if user is None:
+        raise CommandError(f"no account with the email {address!r}")
+    return user
+
+
+def command_origin(command: str) -> Origin:
+    """The audit log's 'from where' of an operator's command."""
+    return ("", f"cloudchat.py {command}", "")
+
+
+def set_account_active(cfg: Config, address: str, active: bool) -> None:
+    """deactivate / activate EMAIL: deactivation ends the account's sessions at once."""
+    with open_stores(cfg) as (sql, kv):
+        user = find_account(sql, address)
+        set_user_active(sql, user.email, active)
+        # Through CloudChat rather than a bare UPDATE: the cached sessions go too, so the
+        # account's next request is refused instead of up to SESSION_CACHE_SECONDS later.
+        ended = 0 if active else revoke_user_sessions(sql, kv, cfg, user.id)
+        event = "activated" if active else "deactivated"
+        origin = command_origin(event[:-1])
+        record_event(sql, event, user.id, origin, by="admin", revoked_sessions=ended)
     state = "active" if active else f"inactive, {ended} live session(s) ended"
-    print(f"account {user_id} is {state}")
-    return 0
+    print(f"account {user.id} is {state}")
+
+
+def logout_user(cfg: Config, address: str) -> None:
+    """logout-user EMAIL: end every session of the account at once."""
+    with open_stores(cfg) as (sql, kv):
+        user = find_account(sql, address)
+        ended = revoke_user_sessions(sql, kv, cfg, user.id)
+        origin = command_origin("logout-user")
+        record_event(sql, "logout", user.id, origin, scope="global", by="admin", revoked=ended)
+    print(f"account {user.id}: {ended} live session(s) ended")
+
+
+def delete_user_command(cfg: Config, address: str) -> None:
+    """delete-user EMAIL: the account and everything tied to it are gone."""
+    with open_stores(cfg) as (sql, kv):
+        user = find_account(sql, address)
+        delete_account(sql, kv, cfg, user, command_origin("delete-user"), by="admin")
+    print(f"account {user.id} deleted")
+
+
+def export_user(cfg: Config, address: str) -> None:
+    """export-user EMAIL: everything stored about the account, as JSON on stdout."""
+    with open_stores(cfg) as (sql, kv):
+        export = export_account(sql, kv, find_account(sql, address))
+    print(json.dumps(export, indent=2, ensure_ascii=False))
+
+
+def print_reset_link(cfg: Config, address: str) -> None:
+    """reset-link EMAIL: a single-use password-reset link, printed (for the operator to
+    hand over), valid PWRESET_TOKEN_TTL; any older link stops working."""
+    with open_stores(cfg) as (sql, _):
+        user = find_account(sql, address)
+        if not user.is_active:
+            raise CommandError(f"account {user.id} is inactive: `activate` it first")
+        token = new_token()
+        expires_at = utcnow() + dt.timedelta(seconds=cfg.pwreset_token_ttl)
+        replace_reset_token(sql, user.id, token_hash(token), expires_at)
+        record_event(sql, "reset_link_issued", user.id, command_origin("reset-link"), by="admin")
+    print(f"{cfg.frontend_base_url}/reset_password?token={token}")
+    print(f"valid until {_iso(expires_at)}, once", file=sys.stderr)
+
+
+def verify_email_command(cfg: Config, address: str) -> None:
+    """verify-email EMAIL: mark the account's present address verified."""
+    with open_stores(cfg) as (sql, kv):
+        user = find_account(sql, address)
+        set_email_verified(sql, user.id)
+        refresh_cached_sessions(sql, kv, cfg, user.id)
+        record_event(sql, "email_verified", user.id, command_origin("verify-email"), by="admin")
+    print(f"account {user.id}: email address verified")
+
+
+# Rate-limit counters keyed by a client's address, which `unlock ADDRESS` clears.
+ADDRESS_LIMIT_ACTIONS = (
+    "login_ip",
+    "register_ip",
+    "forgot_ip",
+    "resend_ip",
+    "token_ip",
+    "chat_ip",
+    "visitor_ids_ip",
+)
+
+
+def unlock(cfg: Config, target: str) -> None:
+    """unlock IDENTIFIER|ADDRESS: clear the rate-limit counters of an account (email or
+    phone) or of a client address (IPv6: its IPV6_PREFIX_LENGTH network)."""
+    with open_stores(cfg) as (sql, kv):
+        if not kv.shared:
+            raise CommandError(
+                "without REDIS_URL the counters live inside the server process: restart it"
+                " to clear them"
+            )
+        try:
+            whose = address_key(str(ipaddress.ip_address(target.strip())), cfg.ipv6_prefix_length)
+        except ValueError:
+            whose = None
+        if whose is not None:
+            checks = [
+                LimitCheck(RateLimit(1, 1), action, whose) for action in ADDRESS_LIMIT_ACTIONS
+            ]
+            keys = [key for key, _, _ in rate_limit_windows(checks)]
+            what, user_id = f"address {whose}", None
+        else:
+            email, phone = parse_identifier(target.strip())
+            found = get_password_login(sql, email, phone) if (email or phone) else None
+            if found is None:
+                raise CommandError(f"no account and no IP address: {target!r}")
+            keys, what, user_id = (
+                account_limit_keys(found[0]),
+                f"account {found[0].id}",
+                found[0].id,
+            )
+        cleared = kv.delete(*keys)
+        record_event(sql, "unlocked", user_id, command_origin("unlock"), by="admin")
+    print(f"{what}: {cleared} rate-limit counter(s) cleared")
+
+
+def list_users(cfg: Config, search: str, limit: int) -> None:
+    """users [--search S] [--limit N]: accounts, newest first."""
+    with open_stores(cfg) as (sql, _):
+        rows = search_users(sql, search, limit)
+    for user_id, address, phone, name, active, verified, created in rows:
+        flags = ",".join(
+            flag for flag, on in (("inactive", not active), ("verified", verified)) if on
+        )
+        print(
+            f"{user_id}\t{address}\t{phone or '-'}\t{name or '-'}\t{flags or '-'}\t{_iso(created)}"
+        )
+    print(f"{len(rows)} account(s)", file=sys.stderr)
+
+
+def show_user(cfg: Config, address: str) -> None:
+    """user EMAIL: the profile, live sessions and the latest audit events of an account."""
+    with open_stores(cfg) as (sql, _):
+        user = find_account(sql, address)
+        record = get_user_record(sql, user.id) or {}
+        idle = dt.timedelta(seconds=cfg.session_idle_seconds)
+        sessions = list_user_sessions(sql, user.id, idle)
+        events = list_auth_events(sql, user.id, dt.datetime(1970, 1, 1, tzinfo=dt.UTC), 20)
+    print(f"account {user.id} ({record.get('uid')})")
+    for name in ("email", "phone", "display_name", "is_active"):
+        print(f"  {name}: {record.get(name)}")
+    print(f"  created_at: {_iso(record.get('created_at'))}")
+    print(f"  email_verified_at: {_iso(record.get('email_verified_at'))}")
+    print(f"live sessions: {len(sessions)}")
+    for id_hash, agent, ip, created, seen, expires in sessions:
+        print(
+            f"  {session_public_id(id_hash)}  {ip or '-'}  since {_iso(created)}"
+            f"  seen {_iso(seen or created)}  until {_iso(expires)}  {agent or '-'}"
+        )
+    print(f"latest events: {len(events)}")
+    for row in events:
+        print("  " + format_event(row))
+
+
+def format_event(row: tuple) -> str:
+    """One audit row as a line: time, account, event, address, detail, request id."""
+    at, user_id, event, detail, ip, agent, rid = row
+    account = f"user {user_id}" if user_id is not None else "-"
+    parts = [_iso(at), account, event, ip or "-", detail or "", f"rid={rid}" if rid else ""]
+    parts.append(f"ua={agent!r}" if agent else "")
+    return "  ".join(part for part in parts if part)
+
+
+_SINCE_RE = re.compile(r"(\d{1,6})([smhd])")
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str) -> dt.timedelta:
+    """'7d', '12h', '30m', '90s' as a time span; ValueError otherwise."""
+    match = _SINCE_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a time span like 7d, 12h, 30m: {text!r}")
+    return dt.timedelta(seconds=int(match[1]) * _SINCE_UNITS[match[2]])
+
+
+def show_audit(
+    cfg: Config, address: str | None, since: dt.timedelta, as_json: bool, limit: int
+) -> None:
+    """audit [EMAIL] [--since 7d] [--json]: the audit log, oldest first."""
+    with open_stores(cfg) as (sql, _):
+        user_id = find_account(sql, address).id if address else None
+        rows = list_auth_events(sql, user_id, utcnow() - since, limit)
+    for row in rows:
+        if as_json:
+            names = ("at", "user_id", "event", "detail", "ip", "user_agent", "request_id")
+            record = dict(zip(names, row, strict=True))
+            record["at"] = _iso(record["at"])
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(format_event(row))
+
+
+def cleanup_command(cfg: Config) -> None:
+    """cleanup: delete ended sessions, used and expired links, old audit rows, now."""
+    with open_stores(cfg) as (sql, _):
+        deleted = run_cleanup(sql, cfg)
+    if deleted is None:
+        raise CommandError("another process holds the cleanup lock; try again later")
+    print(", ".join(f"{count} {table}" for table, count in deleted.items()) + " deleted")
 
 
 def check_config(environ: Mapping[str, str]) -> int:
@@ -4824,31 +5885,100 @@ def check_config(environ: Mapping[str, str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: serve (default), initdb, check-config, deactivate or activate."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: serve by default, or one of the operator's commands."""
     parser = argparse.ArgumentParser(
         prog="cloudchat.py",
-        description="CloudChat server. Settings come from environment variables"
-        " (see config.example.env).",
+        description="CloudChat server and its operator's commands. Settings come from"
+        " environment variables (see config.example.env); every command uses the same ones"
+        " as the server.",
     )
-    parser.add_argument(
-        "command",
-        nargs="?",
-        default="serve",
-        choices=("serve", "initdb", "check-config", "deactivate", "activate"),
-        help="serve: run the HTTP server on HOST:PORT (default). initdb: create or update"
-        " the tables in DATABASE_URL's PostgreSQL (from schema.sql) or in the SQLite file"
-        " CLOUDCHAT_DB_PATH; safe to run again. check-config: print the configuration the"
-        " environment gives (secrets masked) and every problem in it; exit 0 if none, else 2."
-        " deactivate EMAIL: refuse the account's logins and end its sessions at once."
-        " activate EMAIL: allow it again.",
-    )
-    parser.add_argument("email", nargs="?", help="the account, for deactivate and activate")
     parser.add_argument("--version", action="version", version=f"cloudchat {__version__}")
-    args = parser.parse_args(argv)
-    if (args.command in ("deactivate", "activate")) != (args.email is not None):
-        parser.error("deactivate and activate take an email address; other commands none")
-    if args.command == "check-config":
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str, *args: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        for arg in args:
+            sub.add_argument(arg)
+        return sub
+
+    command("serve", "run the HTTP server on HOST:PORT (the default)")
+    command(
+        "initdb",
+        "create the tables, or upgrade them to this release's schema (back up first); safe"
+        " to run again",
+    )
+    command(
+        "check-config",
+        "print the configuration the environment gives (secrets masked) and every problem"
+        " in it; exit 0 if none, else 2",
+    )
+    command(
+        "cleanup",
+        "delete ended sessions, used and expired links and audit rows past"
+        " AUDIT_RETENTION_DAYS now (the server also does it every CLEANUP_INTERVAL_SECONDS)",
+    )
+    audit_cmd = command("audit", "print the audit log, oldest first")
+    audit_cmd.add_argument("email", nargs="?", help="only this account's events")
+    audit_cmd.add_argument("--since", default="7d", help="how far back: 90s, 30m, 12h, 7d")
+    audit_cmd.add_argument("--json", action="store_true", help="one JSON object a line")
+    audit_cmd.add_argument("--limit", type=int, default=10_000, help="at most this many")
+    users_cmd = command("users", "list accounts, newest first")
+    users_cmd.add_argument("--search", default="", help="email, phone or name contains this")
+    users_cmd.add_argument("--limit", type=int, default=50)
+    command("user", "show an account: profile, live sessions, latest events", "email")
+    command("logout-user", "end every session of an account at once", "email")
+    command("delete-user", "delete an account and everything stored about it", "email")
+    command("export-user", "print everything stored about an account, as JSON", "email")
+    command("reset-link", "print a single-use password-reset link for an account", "email")
+    command(
+        "unlock",
+        "clear the rate-limit counters of an account (email or phone) or a client address",
+        "target",
+    )
+    command("verify-email", "mark an account's email address verified", "email")
+    command("deactivate", "refuse an account's logins and end its sessions at once", "email")
+    command("activate", "allow a deactivated account again", "email")
+    return parser
+
+
+def run_command(cfg: Config, args: argparse.Namespace) -> int:
+    """Run an operator's command (not serve, not check-config); its exit code."""
+    name = args.command
+    try:
+        if name == "initdb":
+            return initdb(cfg)
+        if name == "cleanup":
+            cleanup_command(cfg)
+        elif name == "audit":
+            show_audit(cfg, args.email, parse_since(args.since), args.json, max(1, args.limit))
+        elif name == "users":
+            list_users(cfg, args.search, max(1, args.limit))
+        elif name == "unlock":
+            unlock(cfg, args.target)
+        else:
+            by_email: dict[str, Callable[[Config, str], None]] = {
+                "user": show_user,
+                "logout-user": logout_user,
+                "delete-user": delete_user_command,
+                "export-user": export_user,
+                "reset-link": print_reset_link,
+                "verify-email": verify_email_command,
+                "deactivate": functools.partial(set_account_active, active=False),
+                "activate": functools.partial(set_account_active, active=True),
+            }
+            by_email[name](cfg, args.email)
+    except (CommandError, ValueError) as exc:
+        print(f"cloudchat: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: serve (the default) or one of the commands `--help` lists."""
+    args = build_parser().parse_args(argv)
+    command = args.command or "serve"
+    if command == "check-config":
         return check_config(os.environ)
     try:
         cfg = Config.from_env(os.environ)
@@ -4860,14 +5990,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg)
     try:
-        if args.command == "initdb":
-            return initdb(cfg)
-        if args.command in ("deactivate", "activate"):
-            return set_account_active(cfg, args.email, args.command == "activate")
-        return serve(cfg)
+        if command == "serve":
+            return serve(cfg)
+        if command != "initdb" and cfg.database_url:
+            with open_stores(cfg) as (sql, _):
+                check_schema_version(sql)
+        return run_command(cfg, args)
     except SchemaVersionError as exc:
         print(f"cloudchat: refusing to start: {exc}", file=sys.stderr)
         return 2
+    except CommandError as exc:
+        print(f"cloudchat: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

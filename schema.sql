@@ -14,7 +14,8 @@ CREATE TABLE IF NOT EXISTS users (
                  CHECK (phone ~ '^\+?[0-9]{5,20}$'),
     display_name text CHECK (length(display_name) <= 64),
     is_active    boolean NOT NULL DEFAULT true,
-    created_at   timestamptz NOT NULL DEFAULT now()
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    email_verified_at timestamptz                      -- NULL: never verified
 );
 -- Emails are stored lower-cased already; the expression index also keeps a hand-written
 -- mixed-case row from ever duplicating an address.
@@ -76,3 +77,33 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     description  text NOT NULL,
     applied_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- Mailed links that confirm an address: `verify` the account's own, `change` a new one
+-- (the account's address becomes `email` when the link is used). Only the SHA-256 of the
+-- token; one live token per user and purpose; deleted when used.
+CREATE TABLE IF NOT EXISTS email_tokens (
+    token_hash   text PRIMARY KEY CHECK (length(token_hash) = 64),
+    user_id      bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    purpose      text NOT NULL CHECK (purpose IN ('verify', 'change')),
+    email        text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS email_tokens_user_id_idx ON email_tokens (user_id);
+CREATE INDEX IF NOT EXISTS email_tokens_expires_at_idx ON email_tokens (expires_at);
+
+-- The audit log: who did what to an account, from where. Never a password, token or
+-- cookie. No foreign key: an account's deletion removes its rows but the account_deleted
+-- event, which outlives the account; rows older than AUDIT_RETENTION_DAYS are deleted.
+CREATE TABLE IF NOT EXISTS auth_events (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    user_id      bigint,                               -- NULL: no known account
+    event        text NOT NULL,
+    detail       text,
+    ip           text,
+    user_agent   text,
+    request_id   text
+);
+CREATE INDEX IF NOT EXISTS auth_events_user_id_idx ON auth_events (user_id, created_at);
+CREATE INDEX IF NOT EXISTS auth_events_created_at_idx ON auth_events (created_at);

@@ -143,7 +143,7 @@ def test_unknown_route_is_404_json(server: Server, path: str) -> None:
         ("GET", "/auth/logout"),
         ("POST", "/auth/me"),
         ("PUT", "/auth/login"),
-        ("DELETE", "/auth/me"),
+        ("PUT", "/auth/me"),
         ("PATCH", "/auth/register"),
         ("POST", "/auth/healthz"),
         ("POST", "/test"),

@@ -599,7 +599,16 @@ def _me_ok(sent: Sent, response: Response) -> None:
     body = _json(response)
     assert body.get("ok") is True and set(body) == {"ok", "user"}, body
     user = body["user"]
-    assert set(user) == {"id", "uid", "email", "phone", "display_name", "is_active"}, user
+    assert set(user) == {
+        "id",
+        "uid",
+        "email",
+        "phone",
+        "display_name",
+        "is_active",
+        "email_verified",
+        "mfa_enabled",
+    }, user
     assert user["is_active"] is True and "@" in user["email"], user
     uuid.UUID(user["uid"])
 

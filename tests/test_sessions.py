@@ -71,7 +71,8 @@ def test_cached_session_lives_at_most_session_cache_seconds(
     (key,) = [k.decode() for k in redis_db.client.scan_iter(match=f"{prefix}sess:*")]
     assert 0 < redis_db.client.ttl(key) <= 30
     cached = json.loads(redis_db.client.get(key))
-    assert cached == {name: me[name] for name in ("id", "uid", "email", "phone", "display_name")}
+    fields = ("id", "uid", "email", "phone", "display_name", "email_verified", "mfa_enabled")
+    assert cached == {name: me[name] for name in fields}
     raw = redis_db.client.get(key).decode()
     assert client.cookies["cc_auth"] not in raw and password not in raw
     redis_db.client.set(key, str(me["id"]), ex=30)  # the format before this release
