@@ -213,6 +213,7 @@ class Config:
     )
     rate_account: RateLimit = _setting("RATE_ACCOUNT", RateLimit(60, 60), "rate")
     rate_token_ip: RateLimit = _setting("RATE_TOKEN_IP", RateLimit(30, 600), "rate")
+    rate_profile: RateLimit = _setting("RATE_PROFILE", RateLimit(20, 3600), "rate")
     site_name: str = _setting("SITE_NAME", "CloudChat")
     frontend_base_url: str = _setting("FRONTEND_BASE_URL", "http://localhost:5000", "url")
     allowed_origins: tuple[str, ...] = _setting("ALLOWED_ORIGINS", (), "origins")
@@ -767,6 +768,10 @@ class SchemaVersionError(Exception):
     """The database's schema is newer than this server, or (PostgreSQL) older than it."""
 
 
+class ReferenceGone(Exception):
+    """An insert named a row that is gone (an account deleted a moment before)."""
+
+
 class DuplicateError(Exception):
     """An insert hit a uniqueness constraint; `constraint` names it as the database did."""
 
@@ -848,7 +853,7 @@ CREATE INDEX IF NOT EXISTS email_tokens_expires_at_idx ON email_tokens (expires_
 CREATE TABLE IF NOT EXISTS auth_events (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     created_at   TEXT NOT NULL,
-    user_id      INTEGER,
+    user_id      INTEGER REFERENCES users (id) ON DELETE CASCADE,
     event        TEXT NOT NULL,
     detail       TEXT,
     ip           TEXT,
@@ -1038,6 +1043,8 @@ class PostgresStore(SqlStore):
         except psycopg2.IntegrityError as exc:
             if exc.pgcode == psycopg2.errorcodes.UNIQUE_VIOLATION:
                 raise DuplicateError(exc.diag.constraint_name or str(exc)) from exc
+            if exc.pgcode == psycopg2.errorcodes.FOREIGN_KEY_VIOLATION:
+                raise ReferenceGone(exc.diag.constraint_name or str(exc)) from exc
             raise
         except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError) as exc:
             raise StoreUnavailable(f"database: {str(exc).strip()}") from exc
@@ -1131,6 +1138,8 @@ class SqliteStore(SqlStore):
             except sqlite3.IntegrityError as exc:
                 if "UNIQUE" in str(exc):
                     raise DuplicateError(str(exc)) from exc
+                if "FOREIGN KEY" in str(exc):
+                    raise ReferenceGone(str(exc)) from exc
                 raise
             except sqlite3.OperationalError as exc:
                 raise StoreUnavailable(f"database: {exc}") from exc
@@ -1532,21 +1541,29 @@ def set_email_verified(sql: SqlStore, user_id: int) -> None:
         tx.run("DELETE FROM email_tokens WHERE user_id = %s AND purpose = 'verify'", (user_id,))
 
 
-def delete_user(sql: SqlStore, user_id: int, tombstone: tuple[str, str, str, str]) -> list[str]:
+def delete_user(
+    sql: SqlStore, user_id: int, tombstone: tuple[str, str, str, str]
+) -> list[str] | None:
     """Remove an account and every row tied to it (credentials, sessions, links, audit
-    rows) in one transaction, leaving one account_deleted event (detail, ip, user agent,
-    request id) behind; the hashes of its sessions, whose cache keys must be marked."""
+    rows: the foreign keys cascade) in one transaction, leaving one account_deleted event
+    (detail, ip, user agent, request id; the account's id in its detail) behind. The hashes
+    of its sessions, whose cache keys must be marked; None if the account was gone already
+    (of two concurrent deletions, the second waits for the first's locks, then finds none)."""
     with sql.transaction() as tx:
         hashes = [
-            row[0] for row in tx.all("SELECT id_hash FROM sessions WHERE user_id = %s", (user_id,))
+            row[0]
+            for row in tx.all(
+                "DELETE FROM sessions WHERE user_id = %s RETURNING id_hash", (user_id,)
+            )
         ]
-        tx.run("DELETE FROM auth_events WHERE user_id = %s", (user_id,))
-        tx.run("DELETE FROM users WHERE id = %s", (user_id,))  # the rest cascades
+        if not tx.run("DELETE FROM users WHERE id = %s", (user_id,)):
+            return None
+        detail, *origin = tombstone
         tx.run(
             "INSERT INTO auth_events"
             " (created_at, user_id, event, detail, ip, user_agent, request_id)"
-            " VALUES (%s, %s, 'account_deleted', %s, %s, %s, %s)",
-            (utcnow(), user_id, *tombstone),
+            " VALUES (%s, NULL, 'account_deleted', %s, %s, %s, %s)",
+            (utcnow(), f"user={user_id} {detail}", *origin),
         )
     return hashes
 
@@ -4315,6 +4332,8 @@ def record_event(
     text = " ".join(f"{name}={value}" for name, value in detail.items())
     try:
         insert_auth_event(sql, event, user_id, text, *origin)
+    except ReferenceGone:
+        log.info("audit event %s not recorded: the account was deleted meanwhile", event)
     except StoreUnavailable as exc:
         log.error("audit event %s not recorded: %s", event, exc)
 
@@ -4341,7 +4360,15 @@ def audit_limited_login(s: Services, account_id: int | None, retry_after: int) -
 # -- accounts: what the handlers and the command line share -------------------------------
 
 # The rate-limit counters keyed by an account (its id), which its deletion removes.
-ACCOUNT_LIMIT_ACTIONS = ("login_id", "forgot_id", "resend_id", "email_change_id", "account")
+ACCOUNT_LIMIT_ACTIONS = (
+    "login_id",
+    "forgot_id",
+    "resend_id",
+    "email_change_id",
+    "account",
+    "profile",
+    "chat_visitor",  # a signed-in visitor's chats count on the account
+)
 
 
 def account_limit_keys(user: User) -> list[str]:
@@ -4355,10 +4382,13 @@ def account_limit_keys(user: User) -> list[str]:
 
 def delete_account(
     sql: SqlStore, kv: KeyValueStore, cfg: Config, user: User, origin: Origin, by: str
-) -> None:
+) -> bool:
     """Remove an account and everything tied to it: its rows in one transaction (leaving
-    the account_deleted event), then its keys (sessions cache, chat history, limits)."""
+    the account_deleted event), then its keys (sessions cache, chat history, limits);
+    False if it was gone already."""
     hashes = delete_user(sql, user.id, (f"by={by}", *origin))
+    if hashes is None:
+        return False
     mark_cached_sessions_revoked(kv, cfg, hashes)
     owner = history_owner(user, None)
     assert owner is not None
@@ -4366,11 +4396,14 @@ def delete_account(
         kv.delete(history_key(owner), *account_limit_keys(user))
     except StoreUnavailable as exc:
         log.error("deleted account's history and counters left to expire: %s", exc)
+    return True
 
 
-def export_account(sql: SqlStore, kv: KeyValueStore, user: User) -> dict[str, Any]:
+def export_account(
+    sql: SqlStore, kv: KeyValueStore, user: User, events_max: int = 1_000_000
+) -> dict[str, Any]:
     """Everything stored about an account: profile, sessions, address links still out (not
-    their tokens), audit events, chat history, usage."""
+    their tokens), audit events (the newest `events_max`), chat history, usage."""
     profile = get_user_record(sql, user.id) or {}
     for name in ("created_at", "email_verified_at"):
         profile[name] = _iso(profile.get(name))
@@ -4403,7 +4436,7 @@ def export_account(sql: SqlStore, kv: KeyValueStore, user: User) -> dict[str, An
             "request_id": rid or "",
         }
         for at, _, event, detail, ip, agent, rid in list_auth_events(
-            sql, user.id, dt.datetime(1970, 1, 1, tzinfo=dt.UTC), EXPORT_EVENTS_MAX
+            sql, user.id, dt.datetime(1970, 1, 1, tzinfo=dt.UTC), events_max + 1
         )
     ]
     owner = history_owner(user, None)
@@ -4413,13 +4446,17 @@ def export_account(sql: SqlStore, kv: KeyValueStore, user: User) -> dict[str, An
         "profile": profile,
         "sessions": sessions,
         "email_links": links,
-        "events": events,
+        "events": events[-events_max:],
+        "events_truncated": len(events) > events_max,
         "chat_history": read_history(kv, owner),
         "usage": [],
     }
 
 
-EXPORT_EVENTS_MAX = 100_000
+# An export over HTTP holds at most this many audit events (the newest) in memory; the
+# rate limits keep an account well below it within AUDIT_RETENTION_DAYS, and the operator's
+# `export-user` has no such bound.
+EXPORT_EVENTS_MAX = 10_000
 
 
 def _iso(value: Any) -> str | None:
@@ -4497,7 +4534,10 @@ def confirm_password(s: Services, user: User, password: str, action: str) -> Non
         s.hasher.spend_one_verification(password)
         raise ApiError(401, *INVALID_CREDENTIALS)
     password_hash = get_password_hash(s.sql, user.id)
-    if password_hash is None or not s.hasher.verify(password_hash, password):
+    if password_hash is None:  # deleted a moment ago, by another request
+        s.hasher.spend_one_verification(password)
+        raise ApiError(401, "unauthorized", "Unauthorized")
+    if not s.hasher.verify(password_hash, password):
         audit(s, "password_check_failed", user.id, action=action)
         raise ApiError(401, *INVALID_CREDENTIALS)
 
@@ -4638,6 +4678,9 @@ def update_me(s: Services, user: User) -> dict[str, Any]:
     a field; 409 for a phone number another account has."""
     count_account_action(s, user)
     body = read_json_object(s.cfg.max_body_bytes, s.cfg.body_timeout)
+    # Each change is a row in the audit log: a tighter limit than RATE_ACCOUNT's, so that
+    # no account can grow the table by a row a second for AUDIT_RETENTION_DAYS.
+    enforce_rate_limits(s.kv, [LimitCheck(s.cfg.rate_profile, "profile", f"user:{user.id}")])
     if not body or not body.keys() <= PROFILE_FIELDS:
         raise ApiError(400, "invalid_input", "Send display_name and/or phone, nothing else")
     display_name = read_display_name(body["display_name"]) if "display_name" in body else None
@@ -4667,7 +4710,8 @@ def delete_me(s: Services, user: User) -> dict[str, Any]:
     if not password:
         raise ApiError(400, "invalid_input", "password is required")
     confirm_password(s, user, password, "delete_account")
-    delete_account(s.sql, s.kv, cfg, user, request_origin(cfg), by="self")
+    if not delete_account(s.sql, s.kv, cfg, user, request_origin(cfg), by="self"):
+        raise ApiError(401, "unauthorized", "Unauthorized")  # deleted by a request before
     s.mailer.send(account_deleted_mail(cfg, user.email))
     expire_login_cookies(cfg)
     set_cookie(cfg, DEVICE_COOKIE_NAME, "", 0)
@@ -4680,7 +4724,7 @@ def export_me(s: Services, user: User) -> dict[str, Any]:
     bottle.response.set_header(
         "Content-Disposition", 'attachment; filename="cloudchat-export.json"'
     )
-    return {"ok": True, **export_account(s.sql, s.kv, user)}
+    return {"ok": True, **export_account(s.sql, s.kv, user, EXPORT_EVENTS_MAX)}
 
 
 # -- handlers: accounts ------------------------------------------------------------------
@@ -5049,7 +5093,7 @@ ROUTES = (
     Route("POST", "/auth/login", login, limits=("login_ip", "login_id | login_device")),
     Route("POST", "/auth/logout", logout),
     Route("GET", "/auth/me", me, login=True),
-    Route("PATCH", "/auth/me", update_me, login=True, limits=("account",)),
+    Route("PATCH", "/auth/me", update_me, login=True, limits=("account", "profile")),
     Route("DELETE", "/auth/me", delete_me, login=True, limits=("login_ip", "change_session")),
     Route("GET", "/auth/me/export", export_me, login=True, limits=("account",)),
     Route("GET", "/auth/sessions", list_sessions, login=True, limits=("account",)),
@@ -5692,7 +5736,8 @@ def delete_user_command(cfg: Config, address: str) -> None:
     """delete-user EMAIL: the account and everything tied to it are gone."""
     with open_stores(cfg) as (sql, kv):
         user = find_account(sql, address)
-        delete_account(sql, kv, cfg, user, command_origin("delete-user"), by="admin")
+        if not delete_account(sql, kv, cfg, user, command_origin("delete-user"), by="admin"):
+            raise CommandError(f"account {user.id} was deleted meanwhile")
     print(f"account {user.id} deleted")
 
 

@@ -93,12 +93,13 @@ CREATE INDEX IF NOT EXISTS email_tokens_user_id_idx ON email_tokens (user_id);
 CREATE INDEX IF NOT EXISTS email_tokens_expires_at_idx ON email_tokens (expires_at);
 
 -- The audit log: who did what to an account, from where. Never a password, token or
--- cookie. No foreign key: an account's deletion removes its rows but the account_deleted
--- event, which outlives the account; rows older than AUDIT_RETENTION_DAYS are deleted.
+-- cookie. An account's deletion removes its rows (the foreign key cascades, and refuses an
+-- event written for it a moment after) and leaves one account_deleted event, whose detail
+-- holds the account's id; rows older than AUDIT_RETENTION_DAYS are deleted.
 CREATE TABLE IF NOT EXISTS auth_events (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    user_id      bigint,                               -- NULL: no known account
+    user_id      bigint REFERENCES users (id) ON DELETE CASCADE, -- NULL: no known account
     event        text NOT NULL,
     detail       text,
     ip           text,
