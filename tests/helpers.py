@@ -39,6 +39,8 @@ HIGH_LIMITS = {
     "RATE_LOGIN_IDENTIFIER": "100000/600",
     "RATE_VISITOR_IDS_IP": "100000/3600",
     "RATE_ACCOUNT": "100000/60",
+    "RATE_PROFILE": "100000/3600",
+    "RATE_TOKEN_IP": "100000/600",
 }
 # HIGH_LIMITS plus the forgot and chat limits: for tests that hammer every endpoint.
 ALL_LIMITS_RAISED = {

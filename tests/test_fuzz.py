@@ -210,6 +210,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "message": st.text(any_char, min_size=1, max_size=60).filter(lambda m: m.strip()),
     "current_password": st.one_of(st.just(Real("password")), strong_passwords),
     "new_password": strong_passwords,
+    "new_email": st.one_of(st.just(Real("new_email")), valid_emails),
 }
 # Values that look like the field but break its rules.
 ODD: dict[str, st.SearchStrategy[Any]] = {
@@ -224,6 +225,7 @@ ODD: dict[str, st.SearchStrategy[Any]] = {
     "message": st.sampled_from(["é" * 4000, "a" * 4001, " \n\t", ""]),
     "current_password": weak_passwords,
     "new_password": weak_passwords,
+    "new_email": odd_emails,
 }
 
 
@@ -236,6 +238,7 @@ LIVE: dict[str, Any] = {
     "message": "hello",
     "current_password": Real("password"),
     "new_password": Real("new_password"),
+    "new_email": Real("new_email"),
 }
 
 
@@ -613,6 +616,14 @@ def _me_ok(sent: Sent, response: Response) -> None:
     uuid.UUID(user["uid"])
 
 
+def _profile_ok(sent: Sent, response: Response) -> None:
+    _me_ok(sent, response)
+    user = response.json()["user"]
+    name = user["display_name"]
+    assert name is None or (0 < len(name) <= 64 and name.isprintable()), user
+    assert user["phone"] is None or user["phone"].lstrip("+").isdigit(), user
+
+
 def _health_ok(sent: Sent, response: Response) -> None:
     assert _json(response) == {"ok": True, "redis": True, "db": True}
 
@@ -710,6 +721,48 @@ ENDPOINTS = {
         {200: _ok({"ok": True, "status": "Reset chat history successfully"})},
     ),
     "me": Endpoint("GET", "/auth/me", (), {401: {"unauthorized"}}, {200: _me_ok}, session=True),
+    "profile": Endpoint(
+        "PATCH",
+        "/auth/me",
+        ("display_name", "phone"),
+        {
+            **BODY_ERRORS,
+            **MEDIA_ERRORS,
+            400: BODY_ERRORS[400] | {"invalid_phone"},
+            401: {"unauthorized"},
+            409: {"phone_taken"},
+        },
+        {200: _profile_ok},
+        session=True,
+    ),
+    "verify_email": Endpoint(
+        "POST",
+        "/auth/email/verify",
+        ("token",),
+        {**BODY_ERRORS, **MEDIA_ERRORS, 400: BODY_ERRORS[400] | {"invalid_token"}},
+        {200: _ok({"ok": True})},
+    ),
+    "resend": Endpoint(
+        "POST",
+        "/auth/email/resend",
+        ("identifier", "email"),
+        {**BODY_ERRORS, **MEDIA_ERRORS},
+        {200: _ok({"ok": True})},
+    ),
+    "email_change": Endpoint(
+        "POST",
+        "/auth/email/change",
+        ("password", "new_email"),
+        {
+            **BODY_ERRORS,
+            **MEDIA_ERRORS,
+            400: BODY_ERRORS[400] | {"invalid_email"},
+            401: {"invalid_credentials", "unauthorized"},
+            409: {"email_taken"},
+        },
+        {200: _ok({"ok": True})},
+        session=True,
+    ),
     "healthz": Endpoint("GET", "/auth/healthz", (), {}, {200: _health_ok}),
     "test": Endpoint("GET", "/test", (), {}, {200: _test_ok}),
 }
@@ -956,6 +1009,35 @@ def test_me(server: Server) -> None:
     """GET /auth/me with hostile cookies and headers; a live session alone is a 200."""
     viewer = new_account(server, login=True)
     fuzz_endpoint(server, "me", lambda fz: {"session": viewer.session})
+
+
+def test_profile(server: Server) -> None:
+    """PATCH /auth/me with odd and hostile names and phones: stored clean or refused."""
+    viewer = new_account(server, login=True)
+    fuzz_endpoint(server, "profile", lambda fz: {"session": viewer.session})
+
+
+def test_verify_email(server: Server) -> None:
+    """POST /auth/email/verify with stale and hostile tokens: 400, never more."""
+    fuzz_endpoint(server, "verify_email", lambda fz: {})
+
+
+def test_resend_verification(plain: Server) -> None:
+    """POST /auth/email/resend answers 200 whatever identifier it is sent."""
+    account = new_account(plain)
+    fuzz_endpoint(plain, "resend", lambda fz: {"email": account.email})
+
+
+def test_email_change(server: Server) -> None:
+    """POST /auth/email/change with a live session (a fresh user per example) or without."""
+
+    def live(fz: Fuzzed) -> dict[str, str]:
+        if fz.session == "none":
+            return {"password": strong_password()}
+        account = new_account(server, login=True)
+        return {"session": account.session, "password": account.password}
+
+    fuzz_endpoint(server, "email_change", live)
 
 
 def test_healthz(plain: Server) -> None:
