@@ -65,7 +65,7 @@ import urllib.parse
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TextIO
 
 import argon2
 import bottle
@@ -712,9 +712,10 @@ def config_secrets(cfg: Config) -> list[str]:
     return [secret for secret in found if secret]
 
 
-def setup_logging(cfg: Config) -> None:
-    """One line per record on stdout (for journald), credentials redacted, text escaped."""
-    handler = logging.StreamHandler(sys.stdout)
+def setup_logging(cfg: Config, stream: TextIO | None = None) -> None:
+    """One line per record on stdout (for journald), or `stream`; credentials redacted,
+    text escaped."""
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(RedactingFormatter(LOG_FORMAT, config_secrets(cfg)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -5728,7 +5729,9 @@ def logout_user(cfg: Config, address: str) -> None:
         user = find_account(sql, address)
         ended = revoke_user_sessions(sql, kv, cfg, user.id)
         origin = command_origin("logout-user")
-        record_event(sql, "logout", user.id, origin, scope="global", by="admin", revoked=ended)
+        record_event(
+            sql, "logout", user.id, origin, scope="global", by="admin", revoked_sessions=ended
+        )
     print(f"account {user.id}: {ended} live session(s) ended")
 
 
@@ -5965,7 +5968,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit_cmd = command("audit", "print the audit log, oldest first")
     audit_cmd.add_argument("email", nargs="?", help="only this account's events")
-    audit_cmd.add_argument("--since", default="7d", help="how far back: 90s, 30m, 12h, 7d")
+    audit_cmd.add_argument(
+        "--since", default="7d", type=parse_since, help="how far back: 90s, 30m, 12h, 7d"
+    )
     audit_cmd.add_argument("--json", action="store_true", help="one JSON object a line")
     audit_cmd.add_argument("--limit", type=int, default=10_000, help="at most this many")
     users_cmd = command("users", "list accounts, newest first")
@@ -5996,7 +6001,7 @@ def run_command(cfg: Config, args: argparse.Namespace) -> int:
         if name == "cleanup":
             cleanup_command(cfg)
         elif name == "audit":
-            show_audit(cfg, args.email, parse_since(args.since), args.json, max(1, args.limit))
+            show_audit(cfg, args.email, args.since, args.json, max(1, args.limit))
         elif name == "users":
             list_users(cfg, args.search, max(1, args.limit))
         elif name == "unlock":
@@ -6033,7 +6038,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cloudchat: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(cfg)
+    # A command's stdout is its result (export-user > file.json); its log goes to stderr.
+    setup_logging(cfg, None if command == "serve" else sys.stderr)
     try:
         if command == "serve":
             return serve(cfg)
