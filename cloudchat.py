@@ -4489,8 +4489,11 @@ def cleanup_forever(sql: SqlStore, cfg: Config) -> None:
     while True:
         try:
             run_cleanup(sql, cfg)
-        except (StoreUnavailable, DuplicateError) as exc:
+        except StoreUnavailable as exc:
             outage_log.warning("cleanup failed, next try in one interval", exc)
+        except Exception:
+            # Anything else (a table missing, say) must not end the job for good.
+            log.exception("cleanup failed, next try in one interval")
         gevent.sleep(cfg.cleanup_interval)
 
 
@@ -4760,8 +4763,8 @@ def register(s: Services) -> dict[str, Any]:
             raise ApiError(409, "phone_taken", "Phone number already registered") from None
         raise ApiError(409, "email_taken", "Email already registered") from None
     audit(s, "register", user_id)
-    user = get_user_by_id(s.sql, user_id)
-    if cfg.email_verification != "off" and user is not None:
+    user = get_user_by_id(s.sql, user_id) if cfg.email_verification != "off" else None
+    if user is not None:
         issue_email_verification(s, user, request_origin(cfg), welcome=True)
     else:
         s.mailer.send(welcome_mail(cfg, email))
