@@ -808,6 +808,8 @@ CREATE TABLE IF NOT EXISTS credentials (
     secret       TEXT,
     created_at   TEXT NOT NULL,
     updated_at   TEXT NOT NULL,
+    confirmed_at TEXT,
+    last_step    INTEGER,
     UNIQUE (provider, provider_uid)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS credentials_user_type_key
@@ -863,6 +865,12 @@ CREATE TABLE IF NOT EXISTS auth_events (
 );
 CREATE INDEX IF NOT EXISTS auth_events_user_id_idx ON auth_events (user_id, created_at);
 CREATE INDEX IF NOT EXISTS auth_events_created_at_idx ON auth_events (created_at);
+CREATE TABLE IF NOT EXISTS mfa_recovery_codes (
+    code_hash    TEXT PRIMARY KEY CHECK (length(code_hash) = 64),
+    user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mfa_recovery_codes_user_id_idx ON mfa_recovery_codes (user_id);
 """
 
 # The schema's version history, forward only: (version, what changed, the step for
@@ -870,20 +878,32 @@ CREATE INDEX IF NOT EXISTS auth_events_created_at_idx ON auth_events (created_at
 # gets the whole current schema (schema.sql, SQLITE_SCHEMA) and every version recorded; an
 # existing one runs the steps it lacks (an empty step: the CREATE ... IF NOT EXISTS of the
 # whole schema did it). The next change appends a step here and edits both schemas.
-MIGRATIONS: tuple[tuple[int, str, str, str], ...] = (
-    (1, "users, credentials, sessions, password resets", "", ""),
-    (2, "server_secrets: the key that signs cookies in development", "", ""),
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...], tuple[str, ...]], ...] = (
+    (1, "users, credentials, sessions, password resets", (), ()),
+    (2, "server_secrets: the key that signs cookies in development", (), ()),
     (
         3,
         "sessions.last_seen_at: sessions per device",
-        "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS last_seen_at timestamptz",
-        "ALTER TABLE sessions ADD COLUMN last_seen_at TEXT",
+        ("ALTER TABLE sessions ADD COLUMN IF NOT EXISTS last_seen_at timestamptz",),
+        ("ALTER TABLE sessions ADD COLUMN last_seen_at TEXT",),
     ),
     (
         4,
         "users.email_verified_at, email_tokens, auth_events: verification and audit",
-        "ALTER TABLE users ADD COLUMN IF NOT EXISTS email_verified_at timestamptz",
-        "ALTER TABLE users ADD COLUMN email_verified_at TEXT",
+        ("ALTER TABLE users ADD COLUMN IF NOT EXISTS email_verified_at timestamptz",),
+        ("ALTER TABLE users ADD COLUMN email_verified_at TEXT",),
+    ),
+    (
+        5,
+        "credentials.confirmed_at and last_step, mfa_recovery_codes: two-factor sign-in",
+        (
+            "ALTER TABLE credentials ADD COLUMN IF NOT EXISTS confirmed_at timestamptz",
+            "ALTER TABLE credentials ADD COLUMN IF NOT EXISTS last_step bigint",
+        ),
+        (
+            "ALTER TABLE credentials ADD COLUMN confirmed_at TEXT",
+            "ALTER TABLE credentials ADD COLUMN last_step INTEGER",
+        ),
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -1201,12 +1221,12 @@ def upgrade_schema(tx: SqlTx, existed: bool, sqlite: bool) -> None:
             f"the database's schema is version {current}, newer than this server's"
             f" {SCHEMA_VERSION}: run the release that made it (or a newer one)"
         )
-    for version, description, postgres_step, sqlite_step in MIGRATIONS:
+    for version, description, postgres_steps, sqlite_steps in MIGRATIONS:
         if version < current or (version == current and row and row[0] is not None):
             continue
-        step = sqlite_step if sqlite else postgres_step
-        if existed and version > 1 and step:
-            tx.run(step)
+        if existed and version > 1:
+            for statement in sqlite_steps if sqlite else postgres_steps:
+                tx.run(statement)
         tx.run(
             "INSERT INTO schema_migrations (version, description, applied_at) VALUES (%s, %s, %s)",
             (version, description, utcnow()),
@@ -1229,7 +1249,8 @@ def _user_from_row(row: tuple) -> User:
 _USER_COLUMNS = (
     "u.id, u.uid, u.email, u.phone, u.display_name, u.is_active,"
     " u.email_verified_at IS NOT NULL,"
-    " EXISTS (SELECT 1 FROM credentials m WHERE m.user_id = u.id AND m.type = 'totp')"
+    " EXISTS (SELECT 1 FROM credentials m"
+    " WHERE m.user_id = u.id AND m.type = 'totp' AND m.confirmed_at IS NOT NULL)"
 )
 _USER_WIDTH = 8
 
@@ -1617,6 +1638,114 @@ def search_users(sql: SqlStore, search: str, limit: int) -> list[tuple]:
         " ORDER BY id DESC LIMIT %s",
         (pattern, pattern, pattern, limit),
     )
+
+
+# -- two-factor sign-in --------------------------------------------------------------------
+
+
+class TotpCredential(NamedTuple):
+    """A user's authenticator secret: confirmed (on) or still being set up, and the last
+    time step a code of it was accepted in."""
+
+    secret: str
+    confirmed: bool
+    last_step: int | None
+
+
+def get_totp(sql: SqlStore, user_id: int) -> TotpCredential | None:
+    """The user's TOTP credential, confirmed or pending, or None."""
+    row = sql.one(
+        "SELECT secret, confirmed_at IS NOT NULL, last_step FROM credentials"
+        " WHERE user_id = %s AND type = 'totp'",
+        (user_id,),
+    )
+    if row is None:
+        return None
+    return TotpCredential(str(row[0]), bool(row[1]), None if row[2] is None else int(row[2]))
+
+
+def set_pending_totp(sql: SqlStore, user_id: int, secret: str) -> bool:
+    """Store a new secret being set up, replacing a pending one; False (nothing changed) if
+    the user has a confirmed one. DuplicateError if a concurrent setup won."""
+    now = utcnow()
+    with sql.transaction() as tx:
+        deleted = tx.run(
+            "DELETE FROM credentials WHERE user_id = %s AND type = 'totp' AND confirmed_at IS NULL",
+            (user_id,),
+        )
+        if not deleted and tx.one(
+            "SELECT 1 FROM credentials WHERE user_id = %s AND type = 'totp'", (user_id,)
+        ):
+            return False
+        tx.run(
+            "INSERT INTO credentials (user_id, type, secret, created_at, updated_at)"
+            " VALUES (%s, 'totp', %s, %s, %s)",
+            (user_id, secret, now, now),
+        )
+    return True
+
+
+def confirm_totp(
+    sql: SqlStore, user_id: int, secret: str, step: int, code_hashes: Sequence[str]
+) -> bool:
+    """Switch the pending secret `secret` on, its code of `step` used, with a new set of
+    recovery codes; False if it is no longer the pending one (replaced, or confirmed by a
+    concurrent request)."""
+    now = utcnow()
+    with sql.transaction() as tx:
+        if not tx.run(
+            "UPDATE credentials SET confirmed_at = %s, last_step = %s, updated_at = %s"
+            " WHERE user_id = %s AND type = 'totp' AND secret = %s AND confirmed_at IS NULL",
+            (now, step, now, user_id, secret),
+        ):
+            return False
+        tx.run("DELETE FROM mfa_recovery_codes WHERE user_id = %s", (user_id,))
+        for code_hash in code_hashes:
+            tx.run(
+                "INSERT INTO mfa_recovery_codes (code_hash, user_id, created_at)"
+                " VALUES (%s, %s, %s)",
+                (code_hash, user_id, now),
+            )
+    return True
+
+
+def claim_totp_step(sql: SqlStore, user_id: int, step: int) -> bool:
+    """Record that a code of `step` was used, if no code of it or a later step was: of two
+    requests with the same code, one gets True."""
+    return (
+        sql.run(
+            "UPDATE credentials SET last_step = %s WHERE user_id = %s AND type = 'totp'"
+            " AND confirmed_at IS NOT NULL AND (last_step IS NULL OR last_step < %s)",
+            (step, user_id, step),
+        )
+        > 0
+    )
+
+
+def use_recovery_code(sql: SqlStore, user_id: int, code_hash: str) -> bool:
+    """Use one of the user's recovery codes up; True if it was there."""
+    return (
+        sql.run(
+            "DELETE FROM mfa_recovery_codes WHERE user_id = %s AND code_hash = %s",
+            (user_id, code_hash),
+        )
+        > 0
+    )
+
+
+def count_recovery_codes(sql: SqlStore, user_id: int) -> int:
+    """How many unused recovery codes the user has."""
+    row = sql.one("SELECT count(*) FROM mfa_recovery_codes WHERE user_id = %s", (user_id,))
+    return int(row[0]) if row else 0
+
+
+def delete_totp(sql: SqlStore, user_id: int) -> bool:
+    """Switch two-factor sign-in off: the secret and the recovery codes go; True if there
+    was a secret (confirmed or pending)."""
+    with sql.transaction() as tx:
+        deleted = tx.run("DELETE FROM credentials WHERE user_id = %s AND type = 'totp'", (user_id,))
+        tx.run("DELETE FROM mfa_recovery_codes WHERE user_id = %s", (user_id,))
+    return deleted > 0
 
 
 # -- the audit log and the cleanup job ------------------------------------------------------
@@ -2496,6 +2625,85 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+# Two-factor codes: TOTP (RFC 6238) over HOTP (RFC 4226), HMAC-SHA1, 6 digits, 30 s steps,
+# the ones authenticator apps use by default; a code of the step before or after counts
+# too (clocks drift, people type slowly).
+TOTP_STEP_SECONDS = 30
+TOTP_DIGITS = 6
+TOTP_SECRET_BYTES = 20  # 160 bits, RFC 4226's recommendation
+RECOVERY_CODES = 10
+_RECOVERY_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/l/i to misread
+
+
+def hotp(key: bytes, counter: int, digits: int = TOTP_DIGITS) -> str:
+    """RFC 4226: the one-time code of a key and a counter."""
+    mac = hmac.new(key, counter.to_bytes(8, "big"), hashlib.sha1).digest()
+    offset = mac[-1] & 0x0F
+    value = int.from_bytes(mac[offset : offset + 4], "big") & 0x7FFFFFFF
+    return str(value % 10**digits).zfill(digits)
+
+
+def totp_step(unix_time: float) -> int:
+    """RFC 6238: the time step a moment falls in."""
+    return int(unix_time // TOTP_STEP_SECONDS)
+
+
+def new_totp_secret() -> str:
+    """A fresh secret as authenticator apps take it: base32, no padding."""
+    return base64.b32encode(secrets.token_bytes(TOTP_SECRET_BYTES)).decode().rstrip("=")
+
+
+def totp_key(secret: str) -> bytes:
+    """The key of a base32 secret (any case, padding optional)."""
+    text = secret.strip().upper()
+    return base64.b32decode(text + "=" * (-len(text) % 8))
+
+
+def matching_totp_step(secret: str, code: str, unix_time: float, after: int | None) -> int | None:
+    """The time step, the current one or one either side, whose code `code` is, if it is
+    later than `after` (the last step accepted: no code works twice); None otherwise."""
+    code = "".join(code.split())
+    if len(code) != TOTP_DIGITS or not (code.isascii() and code.isdigit()):
+        return None
+    key, now = totp_key(secret), totp_step(unix_time)
+    for step in (now - 1, now, now + 1):
+        if (after is None or step > after) and hmac.compare_digest(hotp(key, step), code):
+            return step
+    return None
+
+
+def otpauth_uri(site_name: str, email: str, secret: str) -> str:
+    """The Key URI authenticator apps scan (as a QR code) or take pasted."""
+    issuer = urllib.parse.quote(site_name, safe="")
+    label = f"{issuer}:{urllib.parse.quote(email, safe='@')}"
+    query = urllib.parse.urlencode(
+        {
+            "secret": secret,
+            "issuer": site_name,
+            "algorithm": "SHA1",
+            "digits": TOTP_DIGITS,
+            "period": TOTP_STEP_SECONDS,
+        },
+        quote_via=urllib.parse.quote,
+    )
+    return f"otpauth://totp/{label}?{query}"
+
+
+def new_recovery_code() -> str:
+    """A single-use recovery code: 16 characters of 31 (79 bits), in groups of four."""
+    raw = "".join(secrets.choice(_RECOVERY_ALPHABET) for _ in range(16))
+    return "-".join(raw[i : i + 4] for i in range(0, 16, 4))
+
+
+def recovery_code_hash(code: str) -> str | None:
+    """What storage keeps of a recovery code, however it was typed (case, blanks,
+    dashes); None for anything that cannot be one."""
+    raw = "".join(c for c in code.lower() if c not in " -\t")
+    if len(raw) != 16 or any(c not in _RECOVERY_ALPHABET for c in raw):
+        return None
+    return token_hash(f"recovery:{raw}")
+
+
 def sign(secret: bytes, purpose: str, payload: str) -> str:
     """A 128-bit HMAC-SHA256 of payload for one purpose, URL-safe base64."""
     mac = hmac.new(secret, f"{purpose}\0{payload}".encode(), hashlib.sha256).digest()[:16]
@@ -2923,6 +3131,19 @@ def email_change_notice_mail(cfg: Config, to: str, new_address: str) -> Mail:
         f" to {mask_email(new_address)}. It moves when the link mailed there is used.\n\n"
         f"If that was not you, change your password at once from {cfg.frontend_base_url}/"
         f" (that also ends the move) and reply to this mail.\n\n- {cfg.site_name}\n",
+    )
+
+
+def mfa_changed_mail(cfg: Config, to: str, enabled: bool) -> Mail:
+    """The notice that two-factor sign-in was switched on or off."""
+    state = "on" if enabled else "off"
+    return Mail(
+        f"mfa_{'enabled' if enabled else 'disabled'}",
+        to,
+        f"Two-factor sign-in is {state} for your {cfg.site_name} account",
+        f"Hello,\n\ntwo-factor sign-in was just switched {state} for your {cfg.site_name}"
+        f" account {to}.\n\nIf that was not you, change your password at once from"
+        f" {cfg.frontend_base_url}/ and reply to this mail.\n\n- {cfg.site_name}\n",
     )
 
 
@@ -4409,6 +4630,7 @@ def export_account(
     for name in ("created_at", "email_verified_at"):
         profile[name] = _iso(profile.get(name))
     profile["mfa_enabled"] = user.mfa_enabled
+    profile["recovery_codes_left"] = count_recovery_codes(sql, user.id)
     sessions = [
         {
             "id": session_public_id(id_hash),
@@ -4521,11 +4743,68 @@ def issue_password_reset(
     return token
 
 
-def confirm_password(s: Services, user: User, password: str, action: str) -> None:
-    """The signed-in user's password again before a change to the account; the uniform 401
-    for a wrong one.
+# -- two-factor sign-in: what login and the step-up checks share ----------------------------
 
-    A wrong password is a password guess: it counts like a login attempt, on this session's
+MFA_COOKIE_NAME = "cc_mfa"
+MFA_LOGIN_SECONDS = 300  # from the right password to the code
+MFA_WRONG_CODES_MAX = 5  # per cc_mfa cookie; then the password again
+MFA_REQUIRED = ("mfa_required", "Enter the code from your authenticator app")
+INVALID_CODE = ("invalid_code", "Invalid code")
+
+
+def _mfa_login_key(token: str) -> str:
+    return f"mfa_login:{token_hash(token)}"
+
+
+def read_second_factor(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The body's "code" and "recovery_code" (blank: none)."""
+    code = (str_field(body, "code") or "").strip() or None
+    recovery = (str_field(body, "recovery_code") or "").strip() or None
+    return code, recovery
+
+
+def mfa_is_on(s: Services, user_id: int) -> bool:
+    """Whether the account has a confirmed authenticator, from SQL (not a cached session)."""
+    totp = get_totp(s.sql, user_id)
+    return totp is not None and totp.confirmed
+
+
+def check_second_factor(
+    s: Services, user: User, code: str | None, recovery: str | None, action: str
+) -> str | None:
+    """Use a current code (one not used before) or a recovery code of the account: which
+    one worked ("totp", "recovery_code"), or None (audited as mfa_code_failed)."""
+    if recovery:
+        code_hash = recovery_code_hash(recovery)
+        if code_hash is not None and use_recovery_code(s.sql, user.id, code_hash):
+            left = count_recovery_codes(s.sql, user.id)
+            audit(s, "mfa_recovery_code_used", user.id, action=action, left=left)
+            return "recovery_code"
+    elif code:
+        totp = get_totp(s.sql, user.id)
+        if totp is not None and totp.confirmed:
+            step = matching_totp_step(totp.secret, code, time.time(), totp.last_step)
+            # The claim is the replay guard: of two requests with one code, one wins.
+            if step is not None and claim_totp_step(s.sql, user.id, step):
+                return "totp"
+    audit(s, "mfa_code_failed", user.id, action=action)
+    return None
+
+
+def confirm_identity(
+    s: Services,
+    user: User,
+    password: str,
+    body: Mapping[str, Any],
+    action: str,
+    second_factor: bool = True,
+) -> None:
+    """The signed-in user's password again before a change to the account, and, when two-
+    factor sign-in is on, a current code or a recovery code beside it ("code",
+    "recovery_code"): 401 invalid_credentials for a wrong password, then 401 mfa_required
+    without a code, 401 invalid_code for a wrong one.
+
+    A wrong password or code is a guess: it counts like a login attempt, on this session's
     own key (as a device's): failures of others who try to log in to the account must not
     stop its owner, signed in, from managing it.
     """
@@ -4544,6 +4823,42 @@ def confirm_password(s: Services, user: User, password: str, action: str) -> Non
     if not s.hasher.verify(password_hash, password):
         audit(s, "password_check_failed", user.id, action=action)
         raise ApiError(401, *INVALID_CREDENTIALS)
+    if not second_factor or not mfa_is_on(s, user.id):
+        return
+    code, recovery = read_second_factor(body)
+    if not code and not recovery:
+        raise ApiError(401, *MFA_REQUIRED)
+    if check_second_factor(s, user, code, recovery, action) is None:
+        raise ApiError(401, *INVALID_CODE)
+
+
+def finish_login(s: Services, user: User, device: str | None, second_factor: str = "") -> None:
+    """A new session for a user who proved who they are: the login cookies, the audit row."""
+    cfg = s.cfg
+    previous = auth_token(cfg)
+    if previous:
+        # Never keep a session id from before the login (fixation): end it.
+        revoke_session(s.sql, s.kv, cfg, previous)
+    user_agent = bottle.request.environ.get("HTTP_USER_AGENT", "")
+    ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
+    token = create_session(s.sql, s.kv, cfg, user, user_agent, ip)
+    detail = {"second_factor": second_factor} if second_factor else {}
+    audit(s, "login_ok", user.id, session=session_public_id(token_hash(token)), **detail)
+    _set_auth_cookie(cfg, token, cfg.session_ttl)
+    if device is None:
+        cookie = new_device_cookie(s.secret, user.id)
+        set_cookie(cfg, DEVICE_COOKIE_NAME, cookie, DEVICE_COOKIE_SECONDS)
+    # The account's history from now on; the next person on this browser starts afresh.
+    set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
+
+
+def start_mfa_login(s: Services, user: User) -> None:
+    """The right password of an account with two-factor sign-in: a cc_mfa cookie for this
+    attempt alone (no session yet), good for MFA_LOGIN_SECONDS."""
+    token = new_token()
+    s.kv.set(_mfa_login_key(token), str(user.id), MFA_LOGIN_SECONDS)
+    set_cookie(s.cfg, MFA_COOKIE_NAME, token, MFA_LOGIN_SECONDS)
+    audit(s, "login_mfa_pending", user.id)
 
 
 def read_display_name(value: Any) -> str | None:
@@ -4658,7 +4973,7 @@ def change_email(s: Services, user: User) -> dict[str, Any]:
         raise ApiError(400, "invalid_email", "A valid email address is required")
     if new_email == user.email.lower():
         raise ApiError(400, "invalid_input", "That is the account's address already")
-    confirm_password(s, user, password, "email_change")
+    confirm_identity(s, user, password, body, "email_change")
     # Each change mails an address the caller chose: limited like reset links, so that the
     # server cannot be made to mail anyone at will.
     account = LimitCheck(cfg.rate_forgot_identifier, "email_change_id", f"user:{user.id}")
@@ -4713,7 +5028,7 @@ def delete_me(s: Services, user: User) -> dict[str, Any]:
     password = str_field(body, "password") or ""
     if not password:
         raise ApiError(400, "invalid_input", "password is required")
-    confirm_password(s, user, password, "delete_account")
+    confirm_identity(s, user, password, body, "delete_account")
     if not delete_account(s.sql, s.kv, cfg, user, request_origin(cfg), by="self"):
         raise ApiError(401, "unauthorized", "Unauthorized")  # deleted by a request before
     s.mailer.send(account_deleted_mail(cfg, user.email))
@@ -4729,6 +5044,75 @@ def export_me(s: Services, user: User) -> dict[str, Any]:
         "Content-Disposition", 'attachment; filename="cloudchat-export.json"'
     )
     return {"ok": True, **export_account(s.sql, s.kv, user, EXPORT_EVENTS_MAX)}
+
+
+# -- handlers: two-factor sign-in ----------------------------------------------------------
+
+
+def mfa_setup(s: Services, user: User) -> dict[str, Any]:
+    """POST /auth/mfa/totp/setup {"password"}: a fresh secret, pending until confirmed (a
+    pending one is replaced; a confirmed one needs disable first: 409)."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    password = str_field(body, "password") or ""
+    if not password:
+        raise ApiError(400, "invalid_input", "password is required")
+    confirm_identity(s, user, password, body, "mfa_setup", second_factor=False)
+    secret = new_totp_secret()
+    try:
+        pending = set_pending_totp(s.sql, user.id, secret)
+    except DuplicateError:
+        raise ApiError(409, "mfa_setup_busy", "Another setup is under way, try again") from None
+    if not pending:
+        raise ApiError(409, "mfa_enabled", "Two-factor sign-in is on already: disable it first")
+    audit(s, "mfa_setup_started", user.id)
+    return {
+        "ok": True,
+        "secret": secret,
+        "otpauth_uri": otpauth_uri(cfg.site_name, user.email, secret),
+    }
+
+
+def mfa_confirm(s: Services, user: User) -> dict[str, Any]:
+    """POST /auth/mfa/totp/confirm {"code"}: a code of the pending secret switches
+    two-factor sign-in on; the answer holds the recovery codes, shown this once."""
+    count_account_action(s, user)
+    body = read_json_object(s.cfg.max_body_bytes, s.cfg.body_timeout)
+    code = (str_field(body, "code") or "").strip()
+    if not code:
+        raise ApiError(400, "invalid_input", "code is required")
+    totp = get_totp(s.sql, user.id)
+    if totp is None or totp.confirmed:
+        raise ApiError(409, "no_mfa_setup", "Nothing to confirm: start with the setup")
+    step = matching_totp_step(totp.secret, code, time.time(), None)
+    if step is None:
+        audit(s, "mfa_code_failed", user.id, action="mfa_confirm")
+        raise ApiError(400, *INVALID_CODE)
+    codes = [new_recovery_code() for _ in range(RECOVERY_CODES)]
+    hashes = [recovery_code_hash(c) or "" for c in codes]
+    if not confirm_totp(s.sql, user.id, totp.secret, step, hashes):
+        raise ApiError(409, "no_mfa_setup", "The setup changed meanwhile: start again")
+    refresh_cached_sessions(s.sql, s.kv, s.cfg, user.id)
+    audit(s, "mfa_enabled", user.id)
+    s.mailer.send(mfa_changed_mail(s.cfg, user.email, enabled=True))
+    return {"ok": True, "recovery_codes": codes}
+
+
+def mfa_disable(s: Services, user: User) -> dict[str, Any]:
+    """POST /auth/mfa/totp/disable {"password", "code"} (or "recovery_code"): two-factor
+    sign-in off, the secret and the recovery codes gone."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    password = str_field(body, "password") or ""
+    if not password:
+        raise ApiError(400, "invalid_input", "password is required")
+    confirm_identity(s, user, password, body, "mfa_disable")
+    if not delete_totp(s.sql, user.id):
+        raise ApiError(409, "mfa_not_enabled", "Two-factor sign-in is not on")
+    refresh_cached_sessions(s.sql, s.kv, cfg, user.id)
+    audit(s, "mfa_disabled", user.id)
+    s.mailer.send(mfa_changed_mail(cfg, user.email, enabled=False))
+    return {"ok": True}
 
 
 # -- handlers: accounts ------------------------------------------------------------------
@@ -4811,20 +5195,49 @@ def login(s: Services) -> dict[str, Any]:
         )
     if s.hasher.needs_rehash(password_hash):
         update_password_hash(s.sql, user.id, s.hasher.hash(password))
-    previous = auth_token(cfg)
-    if previous:
-        # Never keep a session id from before the login (fixation): end it.
-        revoke_session(s.sql, s.kv, cfg, previous)
-    user_agent = bottle.request.environ.get("HTTP_USER_AGENT", "")
-    ip = client_ip(bottle.request.environ, cfg.trusted_proxies)
-    token = create_session(s.sql, s.kv, cfg, user, user_agent, ip)
-    audit(s, "login_ok", user.id, session=session_public_id(token_hash(token)))
-    _set_auth_cookie(cfg, token, cfg.session_ttl)
-    if device is None:
-        cookie = new_device_cookie(s.secret, user.id)
-        set_cookie(cfg, DEVICE_COOKIE_NAME, cookie, DEVICE_COOKIE_SECONDS)
-    # The account's history from now on; the next person on this browser starts afresh.
-    set_cookie(cfg, cfg.app_session_cookie_name, "", 0)
+    if user.mfa_enabled:
+        start_mfa_login(s, user)
+        raise ApiError(401, *MFA_REQUIRED)
+    finish_login(s, user, device)
+    return {"ok": True}
+
+
+def login_mfa(s: Services) -> dict[str, Any]:
+    """POST /auth/login/mfa {"code"} or {"recovery_code"}, with the cc_mfa cookie of a
+    login whose password was right: the session. A wrong code counts toward the login
+    limits of the account and the address; the cookie dies after MFA_WRONG_CODES_MAX."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    code, recovery = read_second_factor(body)
+    if (code is None) == (recovery is None):
+        raise ApiError(400, "invalid_input", "Send code or recovery_code")
+    expired = ApiError(401, "mfa_expired", "Sign in again: the step for the code has ended")
+    token = read_cookie(MFA_COOKIE_NAME) or ""
+    if not token or len(token) > 128:
+        raise expired
+    key = _mfa_login_key(token)
+    raw_id = s.kv.get(key) or ""
+    user = get_user_by_id(s.sql, int(raw_id)) if raw_id.isdigit() else None
+    if user is None or not user.is_active:
+        raise expired
+    device = device_nonce(s.secret, read_cookie(DEVICE_COOKIE_NAME), user.id)
+    retry_after = over_login_limits(s, user.id, device)
+    if retry_after is not None:
+        audit_limited_login(s, user.id, retry_after)
+        raise ApiError(401, *INVALID_CODE)
+    method = check_second_factor(s, user, code, recovery, "login")
+    if method is None:
+        attempts = LimitCheck(
+            RateLimit(MFA_WRONG_CODES_MAX, MFA_LOGIN_SECONDS), "mfa_codes", token_hash(token)
+        )
+        counts, _ = s.kv.hit_many(rate_limit_windows([attempts]))
+        if counts[0][0] >= MFA_WRONG_CODES_MAX:
+            s.kv.delete(key)
+        raise ApiError(401, *INVALID_CODE)
+    if not s.kv.delete(key):  # single use: a concurrent request finished this login first
+        raise expired
+    set_cookie(cfg, MFA_COOKIE_NAME, "", 0)
+    finish_login(s, user, device, method)
     return {"ok": True}
 
 
@@ -4986,7 +5399,7 @@ def change_password(s: Services, user: User) -> dict[str, Any]:
     problem = s.passwords.problem(new, user.email)
     if problem:
         raise ApiError(400, "weak_password", problem)
-    confirm_password(s, user, current, "password_change")
+    confirm_identity(s, user, current, body, "password_change")
     update_password_hash(s.sql, user.id, s.hasher.hash(new))
     revoked = revoke_user_sessions(s.sql, s.kv, cfg, user.id, keep_token=auth_token(cfg))
     audit(s, "password_changed", user.id, revoked_sessions=revoked)
@@ -5095,6 +5508,27 @@ class Route(NamedTuple):
 ROUTES = (
     Route("POST", "/auth/register", register, limits=("register_ip", "register_email")),
     Route("POST", "/auth/login", login, limits=("login_ip", "login_id | login_device")),
+    Route(
+        "POST",
+        "/auth/login/mfa",
+        login_mfa,
+        limits=("login_ip", "login_id | login_device", "mfa_codes"),
+    ),
+    Route(
+        "POST",
+        "/auth/mfa/totp/setup",
+        mfa_setup,
+        login=True,
+        limits=("login_ip", "change_session"),
+    ),
+    Route("POST", "/auth/mfa/totp/confirm", mfa_confirm, login=True, limits=("account",)),
+    Route(
+        "POST",
+        "/auth/mfa/totp/disable",
+        mfa_disable,
+        login=True,
+        limits=("login_ip", "change_session"),
+    ),
     Route("POST", "/auth/logout", logout),
     Route("GET", "/auth/me", me, login=True),
     Route("PATCH", "/auth/me", update_me, login=True, limits=("account", "profile")),
@@ -5769,6 +6203,18 @@ def print_reset_link(cfg: Config, address: str) -> None:
     print(f"valid until {_iso(expires_at)}, once", file=sys.stderr)
 
 
+def mfa_reset(cfg: Config, address: str) -> None:
+    """mfa-reset EMAIL: switch the account's two-factor sign-in off (a lost phone and no
+    recovery code left); the password alone signs in again."""
+    with open_stores(cfg) as (sql, kv):
+        user = find_account(sql, address)
+        if not delete_totp(sql, user.id):
+            raise CommandError(f"account {user.id} has no two-factor sign-in")
+        refresh_cached_sessions(sql, kv, cfg, user.id)
+        record_event(sql, "mfa_reset", user.id, command_origin("mfa-reset"), by="admin")
+    print(f"account {user.id}: two-factor sign-in switched off")
+
+
 def verify_email_command(cfg: Config, address: str) -> None:
     """verify-email EMAIL: mark the account's present address verified."""
     with open_stores(cfg) as (sql, kv):
@@ -5990,6 +6436,11 @@ def build_parser() -> argparse.ArgumentParser:
         "target",
     )
     command("verify-email", "mark an account's email address verified", "email")
+    command(
+        "mfa-reset",
+        "switch an account's two-factor sign-in off (lost phone, no recovery code left)",
+        "email",
+    )
     command("deactivate", "refuse an account's logins and end its sessions at once", "email")
     command("activate", "allow a deactivated account again", "email")
     return parser
@@ -6017,6 +6468,7 @@ def run_command(cfg: Config, args: argparse.Namespace) -> int:
                 "export-user": export_user,
                 "reset-link": print_reset_link,
                 "verify-email": verify_email_command,
+                "mfa-reset": mfa_reset,
                 "deactivate": functools.partial(set_account_active, active=False),
                 "activate": functools.partial(set_account_active, active=True),
             }

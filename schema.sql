@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS credentials (
     secret       text,                                 -- e.g. the Argon2id hash
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now(),
+    confirmed_at timestamptz,                          -- totp: NULL while set up, unconfirmed
+    last_step    bigint,                               -- totp: the last time step accepted
     UNIQUE (provider, provider_uid)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS credentials_user_type_key
@@ -108,3 +110,12 @@ CREATE TABLE IF NOT EXISTS auth_events (
 );
 CREATE INDEX IF NOT EXISTS auth_events_user_id_idx ON auth_events (user_id, created_at);
 CREATE INDEX IF NOT EXISTS auth_events_created_at_idx ON auth_events (created_at);
+
+-- Two-factor recovery codes: the SHA-256 of each (79 random bits, so no salt or slow hash
+-- is needed), shown once at confirmation, deleted when used or replaced.
+CREATE TABLE IF NOT EXISTS mfa_recovery_codes (
+    code_hash    text PRIMARY KEY CHECK (length(code_hash) = 64),
+    user_id      bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS mfa_recovery_codes_user_id_idx ON mfa_recovery_codes (user_id);
