@@ -19,7 +19,9 @@ open internet. Passwords are hashed with Argon2id off the event loop; session id
 random bits and only their SHA-256 is stored; login failures look the same in wording and
 timing whether or not the account exists; rate limits key on the address the socket peer
 or a trusted proxy reports, never on one the client writes itself; answers never carry a
-traceback; passwords, tokens and cookies never reach the log.
+traceback; passwords, tokens and cookies never reach the log. Two-factor secrets are
+stored as authenticator apps need them, with the database as the trust boundary (README:
+"How it keeps accounts safe"); a code works once.
 """
 
 if __name__ == "__main__":
