@@ -267,6 +267,8 @@ class Config:
     log_level: str = _setting(
         "LOG_LEVEL", "INFO", "choice", ("DEBUG", "INFO", "WARNING", "ERROR"), True
     )
+    log_format: str = _setting("LOG_FORMAT", "text", "choice", ("text", "json"))
+    metrics_token: str = _setting("METRICS_TOKEN", "", secret=True)
 
     @property
     def production(self) -> bool:
@@ -325,6 +327,11 @@ def setting_problems(cfg: Config) -> list[str]:
         problems.append(
             "ARGON2_MEMORY_KIB must be at least 8 x ARGON2_PARALLELISM (raise it or lower the"
             " parallelism)"
+        )
+    if cfg.metrics_token and len(cfg.metrics_token) < SECRET_KEY_MIN:
+        problems.append(
+            f"METRICS_TOKEN is shorter than {SECRET_KEY_MIN} characters (make one with"
+            " `python -c 'import secrets; print(secrets.token_hex(32))'`)"
         )
     if cfg.secret_key and len(cfg.secret_key) < SECRET_KEY_MIN:
         problems.append(
@@ -694,10 +701,36 @@ class RedactingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = redact_url(super().format(record))
+        return self.redact(super().format(record))
+
+    def redact(self, text: str) -> str:
+        """The text with URL credentials and the configured secrets masked."""
+        text = redact_url(text)
         for secret in self._hidden:
-            line = line.replace(secret, "***")
-        return line
+            text = text.replace(secret, "***")
+        return text
+
+
+class JsonLogFormatter(RedactingFormatter):
+    """LOG_FORMAT=json: one JSON object a line, for log shippers: time, level, logger,
+    message, and on a request's line its request_id, method, path, status and ms; masked
+    like the text lines, and ASCII only, so no character in it can split the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": self.redact(record.getMessage()),
+        }
+        request = getattr(record, "request", None)
+        if isinstance(request, dict):
+            entry.update(request)
+        if record.exc_info:
+            entry["traceback"] = self.redact(self.formatException(record.exc_info))
+        return json.dumps(entry)
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -705,7 +738,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def config_secrets(cfg: Config) -> list[str]:
     """The passwords and keys of a configuration, for RedactingFormatter to keep out of logs."""
-    found = [cfg.smtp_pass, cfg.secret_key, *(p.api_key for p in cfg.chat_providers)]
+    found = [cfg.smtp_pass, cfg.secret_key, cfg.metrics_token]
+    found += [p.api_key for p in cfg.chat_providers]
     for url in (cfg.database_url, cfg.redis_url):
         parts = urllib.parse.urlsplit(url) if "://" in url else None
         if parts is not None and parts.password:
@@ -718,7 +752,8 @@ def setup_logging(cfg: Config, stream: TextIO | None = None) -> None:
     """One line per record on stdout (for journald), or `stream`; credentials redacted,
     text escaped."""
     handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(RedactingFormatter(LOG_FORMAT, config_secrets(cfg)))
+    kind = JsonLogFormatter if cfg.log_format == "json" else RedactingFormatter
+    handler.setFormatter(kind(LOG_FORMAT, config_secrets(cfg)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg.log_level)
@@ -760,11 +795,93 @@ class OutageLog:
         log.warning("%s: %s%s", kind, detail, more)
 
 
+class Metrics:
+    """What GET /metrics reports, kept in this process's memory: counters by name and
+    labels, gauges read when scraped, and one histogram of request latency. Counting is a
+    dict update; nothing is allocated per request beyond its label tuple."""
+
+    # Seconds: from a cached /auth/me (under a millisecond) to a chat stream (seconds).
+    LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    HELP: ClassVar[dict[str, str]] = {
+        "cloudchat_requests_total": "HTTP requests answered, by route and status",
+        "cloudchat_auth_events_total": "Account events (logins by outcome, logouts, ...)",
+        "cloudchat_rate_limited_total": "Attempts refused by a rate limit, by action",
+        "cloudchat_provider_failures_total": "Model provider failures, by provider and kind",
+        "cloudchat_chat_tokens_total": "Tokens relayed, by provider and kind",
+        "cloudchat_chat_budget_refusals_total": "Chats refused over a daily token budget",
+        "cloudchat_mails_total": "Account mails, by kind and outcome",
+        "cloudchat_storage_unavailable_total": "Times a store did not answer, by what",
+    }
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._buckets = [0] * len(self.LATENCY_BUCKETS)
+        self._latency_count = 0
+        self._latency_sum = 0.0
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def count(self, name: str, amount: float = 1, **labels: str) -> None:
+        """Add to a counter."""
+        key = (name, tuple(labels.items()))
+        self._counters[key] = self._counters.get(key, 0) + amount
+
+    def observe_request(self, route: str, status: str, seconds: float) -> None:
+        """Count an answered request and its latency."""
+        self.count("cloudchat_requests_total", route=route, status=status)
+        self._latency_count += 1
+        self._latency_sum += seconds
+        for index, bound in enumerate(self.LATENCY_BUCKETS):
+            if seconds <= bound:
+                self._buckets[index] += 1
+                break
+
+    def render(self) -> str:
+        """The Prometheus text format (version 0.0.4)."""
+        lines: list[str] = []
+        by_name: dict[str, list[tuple[tuple[tuple[str, str], ...], float]]] = {}
+        for (name, labels), value in sorted(self._counters.items()):
+            by_name.setdefault(name, []).append((labels, value))
+        for name, samples in by_name.items():
+            lines += [f"# HELP {name} {self.HELP.get(name, name)}", f"# TYPE {name} counter"]
+            lines += [f"{name}{_prometheus_labels(labels)} {value:g}" for labels, value in samples]
+        for name, (help_text, read) in sorted(self.gauges.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read():g}"]
+        name = "cloudchat_request_seconds"
+        lines += [f"# HELP {name} Time to answer a request (a stream: to its end)"]
+        lines += [f"# TYPE {name} histogram"]
+        cumulative = 0
+        for bound, count in zip(self.LATENCY_BUCKETS, self._buckets, strict=True):
+            cumulative += count
+            lines.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{le="+Inf"}} {self._latency_count}')
+        lines.append(f"{name}_sum {self._latency_sum:.6f}")
+        lines.append(f"{name}_count {self._latency_count}")
+        return "\n".join(lines) + "\n"
+
+
+def _prometheus_labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    escaped = (
+        (name, str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+        for name, value in labels
+    )
+    return "{" + ",".join(f'{name}="{value}"' for name, value in escaped) + "}"
+
+
+metrics = Metrics()
+
+
 outage_log = OutageLog()
 
 
 class StoreUnavailable(Exception):
-    """A storage dependency (SQL or key-value) did not answer in time; becomes a 503."""
+    """A storage dependency (SQL or key-value) did not answer in time; becomes a 503. The
+    message starts with the store's name ("database: ...", "redis: ...")."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        metrics.count("cloudchat_storage_unavailable_total", store=message.split(":", 1)[0])
 
 
 class SchemaVersionError(Exception):
@@ -2774,8 +2891,11 @@ def seconds_until_allowed(
     checks: Sequence[LimitCheck], counts: Sequence[tuple[int, int]]
 ) -> int | None:
     """Seconds until every exceeded limit reopens; None when no limit is exceeded."""
-    pairs = zip(checks, counts, strict=True)
-    waits = [left for (rule, _, _), (count, left) in pairs if count > rule.limit]
+    waits = []
+    for (rule, action, _), (count, left) in zip(checks, counts, strict=True):
+        if count > rule.limit:
+            waits.append(left)
+            metrics.count("cloudchat_rate_limited_total", action=action)
     return max(waits) if waits else None
 
 
@@ -2788,7 +2908,7 @@ def over_rate_limits(kv: KeyValueStore, checks: Sequence[LimitCheck]) -> int | N
 def client_ip(environ: Mapping[str, Any], trusted: tuple[Any, ...]) -> str:
     """The client's address: the socket peer, or what a trusted proxy in front reports."""
     peer = environ.get("REMOTE_ADDR") or "unknown"
-    if not _is_trusted(peer, trusted):
+    if not is_trusted_peer(peer, trusted):
         return peer
     forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
     # Walk from the right: each entry was appended by the hop before; the first one not
@@ -2798,7 +2918,7 @@ def client_ip(environ: Mapping[str, Any], trusted: tuple[Any, ...]) -> str:
             address = str(ipaddress.ip_address(entry))
         except ValueError:
             return peer
-        if not _is_trusted(address, trusted):
+        if not is_trusted_peer(address, trusted):
             return address
     return peer
 
@@ -2817,7 +2937,8 @@ def address_key(ip: str, ipv6_prefix: int) -> str:
     return str(ipaddress.ip_network((address, ipv6_prefix), strict=False))
 
 
-def _is_trusted(address: str, trusted: tuple[Any, ...]) -> bool:
+def is_trusted_peer(address: str, trusted: tuple[Any, ...]) -> bool:
+    """Whether an address is in one of the trusted networks."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -3276,8 +3397,10 @@ class Mailer:
                         attempt,
                         _escape(str(exc)),
                     )
+                    metrics.count("cloudchat_mails_total", kind=mail.kind, outcome="failed")
                     return False
                 log.info("mail %s to %s sent (attempt %d)", mail.kind, to, attempt)
+                metrics.count("cloudchat_mails_total", kind=mail.kind, outcome="sent")
                 return True
         return False
 
@@ -3983,6 +4106,9 @@ class ChatRelay:
                         {"Retry-After": "1"},
                     ) from None
                 log.warning("chat provider failed before the first token: %s", exc)
+                metrics.count(
+                    "cloudchat_provider_failures_total", provider=provider.name, kind=exc.kind
+                )
                 failure = exc
         assert failure is not None
         status, code, message = CHAT_FAILURES[failure.kind]
@@ -4051,6 +4177,8 @@ class ChatRelay:
                 log.info("visitor left mid-answer: provider connection closed, reply dropped")
                 return
             log.warning("chat failed mid-answer: %s", exc)
+            provider = stream.provider if stream is not None else "echo"
+            metrics.count("cloudchat_provider_failures_total", provider=provider, kind="mid_answer")
             yield _json_bytes({"error": "The model provider failed mid-answer, please try again"})
             yield b"\n"
         finally:
@@ -4170,7 +4298,7 @@ _SECURITY_HEADER_NAMES = {name.lower() for name, _ in SECURITY_HEADERS}
 NOSNIFF = ("X-Content-Type-Options", "nosniff")
 DATA_CSP = ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
 _DATA_TYPES = ("application/json", "application/x-ndjson")
-_PRIVATE_PATHS = frozenset(("/deepseek_chat", "/reset_chat"))
+_PRIVATE_PATHS = frozenset(("/deepseek_chat", "/reset_chat", "/chat/history", "/chat/usage"))
 
 _DEFAULT_ERRORS = {
     400: ("bad_request", "Bad request"),
@@ -4325,7 +4453,7 @@ def cross_site_refusal(
         return False
     scheme = environ.get("wsgi.url_scheme", "http")
     forwarded = environ.get("HTTP_X_FORWARDED_PROTO", "").lower()
-    if forwarded in ("http", "https") and _is_trusted(
+    if forwarded in ("http", "https") and is_trusted_peer(
         environ.get("REMOTE_ADDR", ""), cfg.trusted_proxies
     ):
         scheme = forwarded
@@ -4397,14 +4525,23 @@ class CloudChatApp:
         environ: Mapping[str, Any], path: str, seen: list[str], started: float, rid: str
     ) -> None:
         status = seen[-1].split(" ", 1)[0] if seen else "-"
+        elapsed = time.perf_counter() - started
+        route = environ.get("bottle.route")
+        metrics.observe_request(route.rule if route is not None else "other", status, elapsed)
+        method = _escape(environ.get("REQUEST_METHOD", "-"))
+        # PEP 3333 hands the path over as Latin-1: read it as the UTF-8 it was sent as.
+        shown_path = _escape(path.encode("latin-1", "replace").decode("utf-8", "replace"))
+        code = int(status) if status.isdigit() else None
+        fields = {"request_id": rid, "method": method, "path": shown_path, "status": code}
+        fields["ms"] = round(elapsed * 1000, 1)
         log.info(
             "%s %s %s %.1fms rid=%s",
-            _escape(environ.get("REQUEST_METHOD", "-")),
-            # PEP 3333 hands the path over as Latin-1: read it as the UTF-8 it was sent as.
-            _escape(path.encode("latin-1", "replace").decode("utf-8", "replace")),
+            method,
+            shown_path,
             status,
-            (time.perf_counter() - started) * 1000,
+            elapsed * 1000,
             rid,
+            extra={"request": fields},
         )
 
     def close(self) -> None:
@@ -4563,7 +4700,8 @@ def record_event(
 
 
 def audit(s: Services, event: str, user_id: int | None, **detail: Any) -> None:
-    """Record an event of the request being served."""
+    """Record an event of the request being served (and count it for /metrics)."""
+    metrics.count("cloudchat_auth_events_total", event=event)
     record_event(s.sql, event, user_id, request_origin(s.cfg), **detail)
 
 
@@ -5469,6 +5607,17 @@ def chat(s: Services) -> Any:
     return s.chat.relay(stream, batches, first, owner, history, message, watch)
 
 
+def chat_history(s: Services) -> dict[str, Any]:
+    """GET /chat/history: the rounds the next message would carry (without the system
+    prompt): the account's when logged in, else the visitor's."""
+    cfg = s.cfg
+    address = LimitCheck(cfg.rate_chat_ip, "history_ip", client_address_key(cfg))
+    enforce_rate_limits(s.kv, [address])
+    owner = history_owner(current_user(s), request_visitor_id(s))
+    kept = read_history(s.kv, owner) if owner and cfg.max_history else []
+    return {"ok": True, "messages": kept[-2 * cfg.max_history :]}
+
+
 def reset_chat(s: Services) -> dict[str, Any]:
     """POST /reset_chat: forget the account's or the visitor's history."""
     owner = history_owner(current_user(s), request_visitor_id(s))
@@ -5478,6 +5627,30 @@ def reset_chat(s: Services) -> dict[str, Any]:
 
 
 # -- handlers: operations ----------------------------------------------------------------
+
+
+def livez(s: Services) -> dict[str, Any]:
+    """GET /livez: 200 while the process serves; touches no store (the liveness probe)."""
+    return {"ok": True}
+
+
+def metrics_page(s: Services) -> str:
+    """GET /metrics: the Prometheus text format, to a trusted peer that forwards for no
+    client (a scraper on the box or the private network) or with the bearer METRICS_TOKEN;
+    a 404 to anyone else, as if there were no such page."""
+    environ = bottle.request.environ
+    token = s.cfg.metrics_token
+    offered = environ.get("HTTP_AUTHORIZATION", "")
+    by_token = bool(token) and hmac.compare_digest(offered.encode(), f"Bearer {token}".encode())
+    forwarding = "HTTP_X_FORWARDED_FOR" in environ or "HTTP_X_REAL_IP" in environ
+    direct = not forwarding and is_trusted_peer(
+        environ.get("REMOTE_ADDR", ""), s.cfg.trusted_proxies
+    )
+    if not (by_token or direct):
+        raise ApiError(404, "not_found", "Not found")
+    bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+    bottle.response.set_header("Cache-Control", "no-store")
+    return metrics.render()
 
 
 def healthz(s: Services) -> dict[str, Any]:
@@ -5574,7 +5747,10 @@ ROUTES = (
         limits=("chat_ip", "visitor_ids_ip", "chat_visitor"),
     ),
     Route("POST", "/reset_chat", reset_chat),
+    Route("GET", "/chat/history", chat_history, limits=("history_ip",)),
     Route("GET", "/auth/healthz", healthz),
+    Route("GET", "/livez", livez),
+    Route("GET", "/metrics", metrics_page),
     Route("GET", "/test", timestamp),
 )
 
@@ -5609,6 +5785,10 @@ def create_app(cfg: Config) -> CloudChatApp:
         jobs=jobs,
         mailer=Mailer(cfg, jobs),
         chat=ChatRelay(cfg, kv),
+    )
+    metrics.gauges["cloudchat_chat_streams_open"] = (
+        "Chat answers streaming now",
+        lambda: services.chat.open_streams,
     )
     router = bottle.Bottle()
     router.uninstall("json")  # api_route serialises; one JSON shape everywhere
