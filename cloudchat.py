@@ -257,6 +257,9 @@ class Config:
         "CHAT_HISTORY_MAX_BYTES", 65536, "integer", 1024, 16 * MB
     )
     chat_history_budget_mb: int = _setting("CHAT_HISTORY_BUDGET_MB", 16, "integer", 1, 1_000_000)
+    chat_daily_tokens: int = _setting("CHAT_DAILY_TOKENS", 0, "integer", 0, 10**12)
+    chat_daily_tokens_user: int = _setting("CHAT_DAILY_TOKENS_USER", 0, "integer", 0, 10**12)
+    chat_daily_tokens_anon: int = _setting("CHAT_DAILY_TOKENS_ANON", 0, "integer", 0, 10**12)
     debug_return_reset_token: bool = _setting("DEBUG_RETURN_RESET_TOKEN", False, "flag")
     health_timeout: float = _setting("HEALTH_TIMEOUT", 2.0, "number", 0.1, 60)
     client_timeout: float = _setting("CLIENT_TIMEOUT", 30.0, "number", 1, 3600)
@@ -990,6 +993,20 @@ CREATE TABLE IF NOT EXISTS mfa_recovery_codes (
     created_at   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS mfa_recovery_codes_user_id_idx ON mfa_recovery_codes (user_id);
+CREATE TABLE IF NOT EXISTS chat_usage (
+    day          TEXT NOT NULL,
+    owner        TEXT NOT NULL,
+    user_id      INTEGER REFERENCES users (id) ON DELETE CASCADE,
+    address      TEXT NOT NULL,
+    provider     TEXT NOT NULL,
+    model        TEXT NOT NULL,
+    requests     INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    estimated    INTEGER NOT NULL,
+    PRIMARY KEY (day, owner, address, provider, model)
+);
+CREATE INDEX IF NOT EXISTS chat_usage_user_id_idx ON chat_usage (user_id);
 """
 
 # The schema's version history, forward only: (version, what changed, the step for
@@ -1024,6 +1041,7 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...], tuple[str, ...]], ...] = (
             "ALTER TABLE credentials ADD COLUMN last_step INTEGER",
         ),
     ),
+    (6, "chat_usage: tokens per day, owner, address and model", (), ()),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -1867,6 +1885,81 @@ def delete_totp(sql: SqlStore, user_id: int) -> bool:
     return deleted > 0
 
 
+# -- chat usage ------------------------------------------------------------------------------
+
+
+def add_chat_usage(
+    sql: SqlStore,
+    day: str,
+    who: tuple[str, int | None, str],
+    model: tuple[str, str],
+    prompt_tokens: int,
+    completion_tokens: int,
+    estimated: bool,
+) -> None:
+    """Count one answer's tokens into its day's row for (owner, user id, address) and
+    (provider, model): one upsert."""
+    owner, user_id, address = who
+    sql.run(
+        "INSERT INTO chat_usage (day, owner, user_id, address, provider, model, requests,"
+        " prompt_tokens, completion_tokens, estimated)"
+        " VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s, %s)"
+        " ON CONFLICT (day, owner, address, provider, model) DO UPDATE SET"
+        " requests = chat_usage.requests + 1,"
+        " prompt_tokens = chat_usage.prompt_tokens + excluded.prompt_tokens,"
+        " completion_tokens = chat_usage.completion_tokens + excluded.completion_tokens,"
+        " estimated = chat_usage.estimated + excluded.estimated",
+        (day, owner, user_id, address, *model, prompt_tokens, completion_tokens, int(estimated)),
+    )
+
+
+def day_usage_totals(sql: SqlStore, day: str) -> list[tuple[str, int | None, str, int]]:
+    """A day's tokens by (owner, user id, address): what rebuilds the budget counters."""
+    rows = sql.all(
+        "SELECT owner, user_id, address, sum(prompt_tokens + completion_tokens) FROM chat_usage"
+        " WHERE day = %s GROUP BY owner, user_id, address",
+        (day,),
+    )
+    return [(str(o), None if u is None else int(u), str(a), int(t)) for o, u, a, t in rows]
+
+
+def list_user_usage(sql: SqlStore, user_id: int) -> list[tuple]:
+    """An account's usage rows, newest day first: (day, provider, model, requests,
+    prompt_tokens, completion_tokens, estimated)."""
+    return sql.all(
+        "SELECT day, provider, model, sum(requests), sum(prompt_tokens), sum(completion_tokens),"
+        " sum(estimated) FROM chat_usage WHERE user_id = %s"
+        " GROUP BY day, provider, model ORDER BY day DESC, provider, model",
+        (user_id,),
+    )
+
+
+# The usage report's groupings: what to group by, and how to show it.
+USAGE_GROUPS = {
+    "day": ("c.day", "c.day"),
+    "model": ("c.provider || ' ' || c.model", "c.provider, c.model"),
+    "user": (
+        "COALESCE(u.email, CASE WHEN c.owner = '' THEN '(no history kept)'"
+        " ELSE 'anonymous ' || substr(c.owner, 9, 8) END)",
+        "COALESCE(u.email, CASE WHEN c.owner = '' THEN '(no history kept)'"
+        " ELSE 'anonymous ' || substr(c.owner, 9, 8) END)",
+    ),
+}
+
+
+def usage_report(sql: SqlStore, since_day: str, by: str) -> list[tuple]:
+    """Usage since a day (inclusive), grouped by day, model or user: (what, requests,
+    prompt_tokens, completion_tokens, estimated), the largest first (by day: in order)."""
+    shown, grouped = USAGE_GROUPS[by]
+    order = "1" if by == "day" else "sum(c.prompt_tokens + c.completion_tokens) DESC, 1"
+    return sql.all(
+        f"SELECT {shown}, sum(c.requests), sum(c.prompt_tokens), sum(c.completion_tokens),"
+        f" sum(c.estimated) FROM chat_usage c LEFT JOIN users u ON u.id = c.user_id"
+        f" WHERE c.day >= %s GROUP BY {grouped} ORDER BY {order}",
+        (since_day,),
+    )
+
+
 # -- the audit log and the cleanup job ------------------------------------------------------
 
 
@@ -1913,7 +2006,7 @@ CLEANUP_BATCH = 500
 
 # What the cleanup job deletes, table by table, a batch at a time (by key, so that no
 # statement holds many row locks for long); the parameters: now, the idle cutoff, the
-# audit cutoff, the batch size.
+# audit cutoff, the batch size, the audit cutoff as a day.
 _CLEANUP_STEPS = (
     (
         "sessions",
@@ -1940,6 +2033,12 @@ _CLEANUP_STEPS = (
         " (SELECT id FROM auth_events WHERE created_at < %s LIMIT %s)",
         (2, 3),
     ),
+    (
+        "chat_usage",
+        "DELETE FROM chat_usage WHERE (day, owner, address, provider, model) IN"
+        " (SELECT day, owner, address, provider, model FROM chat_usage WHERE day < %s LIMIT %s)",
+        (4, 3),
+    ),
 )
 
 
@@ -1950,7 +2049,7 @@ def delete_expired_rows(
     their retention, in batches; rows deleted per table, or None when another process holds
     the cleanup lock (it is doing the same)."""
     now = utcnow()
-    values = (now, now - idle, now - retention, batch)
+    values = (now, now - idle, now - retention, batch, (now - retention).strftime("%Y-%m-%d"))
     deleted = dict.fromkeys((name for name, _, _ in _CLEANUP_STEPS), 0)
     for name, statement, picks in _CLEANUP_STEPS:
         while True:
@@ -2003,6 +2102,19 @@ class KeyValueStore:
 
     def get_list(self, key: str) -> list[str]:
         """The items of a list, oldest first (none if it does not exist)."""
+        raise NotImplementedError
+
+    def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        """The values of several keys (None where there is none), in one round trip."""
+        raise NotImplementedError
+
+    def add_many(self, amounts: Sequence[tuple[str, int]], ttl: int) -> None:
+        """Add to several counters (made at 0 where missing) and let each expire `ttl`
+        seconds from now, in one round trip."""
+        raise NotImplementedError
+
+    def set_values(self, items: Sequence[tuple[str, str]], ttl: int) -> None:
+        """Set several keys, each to its value, expiring after `ttl` s, in one round trip."""
         raise NotImplementedError
 
     def hit_many(
@@ -2181,6 +2293,31 @@ end
         with self._errors():
             return list(self._client.lrange(self._prefix + key, 0, -1))
 
+    def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        if not keys:
+            return []
+        with self._errors():
+            return list(self._client.mget([self._prefix + key for key in keys]))
+
+    def add_many(self, amounts: Sequence[tuple[str, int]], ttl: int) -> None:
+        if not amounts:
+            return
+        with self._errors():
+            pipe = self._client.pipeline(transaction=False)
+            for key, amount in amounts:
+                pipe.incrby(self._prefix + key, amount)
+                pipe.expire(self._prefix + key, ttl)
+            pipe.execute()
+
+    def set_values(self, items: Sequence[tuple[str, str]], ttl: int) -> None:
+        if not items:
+            return
+        with self._errors():
+            pipe = self._client.pipeline(transaction=False)
+            for key, value in items:
+                pipe.set(self._prefix + key, value, ex=max(1, ttl))
+            pipe.execute()
+
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
         full = self._prefix + key
         with self._errors():
@@ -2307,6 +2444,21 @@ class MemoryStore(KeyValueStore):
         with self._lock:
             entry = self._live(key, time.monotonic())
             return list(entry[0]) if entry else []
+
+    def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        return [self.get(key) for key in keys]
+
+    def add_many(self, amounts: Sequence[tuple[str, int]], ttl: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key, amount in amounts:
+                entry = self._live(key, now)
+                self._data[key] = (str(int(entry[0] if entry else 0) + amount), now + max(1, ttl))
+                self._wrote(now)
+
+    def set_values(self, items: Sequence[tuple[str, str]], ttl: int) -> None:
+        for key, value in items:
+            self.set(key, value, ttl)
 
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
         now = time.monotonic()
@@ -3999,6 +4151,157 @@ def clear_history(kv: KeyValueStore, owner: str) -> None:
     kv.delete(history_key(owner))
 
 
+# -- usage and daily budgets ------------------------------------------------------------------
+
+# Budget counters live two days: today's, and yesterday's for an answer that ends after
+# midnight UTC.
+BUDGET_KEY_SECONDS = 2 * 86400
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatScope:
+    """Whose tokens an answer counts toward: the account, or the anonymous visitor (by its
+    id; none when the chat keeps no history), and the client's address."""
+
+    user_id: int | None
+    visitor: str | None
+    address: str
+
+    @property
+    def owner(self) -> str:
+        """The usage row's and the budget counter's name for the account or visitor."""
+        if self.user_id is not None:
+            return f"user:{self.user_id}"
+        return f"visitor:{token_hash(self.visitor)[:32]}" if self.visitor else ""
+
+
+def utc_day(moment: dt.datetime | None = None) -> str:
+    """The UTC day of a moment (now by default), YYYY-MM-DD."""
+    return (moment or utcnow()).strftime("%Y-%m-%d")
+
+
+def seconds_to_utc_midnight(moment: dt.datetime | None = None) -> int:
+    """Whole seconds until the next UTC day begins (at least 1)."""
+    now = moment or utcnow()
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+    return max(1, math.ceil((midnight - now).total_seconds()))
+
+
+def budget_key(day: str, kind: str, whose: str = "") -> str:
+    """A day's token counter: the site's, an owner's or an address's (hashed names)."""
+    return f"budget:{day}:{kind}:{token_hash(whose)[:32] if whose else 'all'}"
+
+
+def _ready_key(day: str) -> str:
+    # Present while the day's counters hold everything SQL knows (set by a rebuild).
+    return f"budget:{day}:ready"
+
+
+def budget_counters(scope: ChatScope, day: str) -> list[tuple[str, str]]:
+    """The (kind, key) of every counter an answer of this scope adds to: the site, the
+    account or visitor, and for an anonymous one its address."""
+    counters = [("site", budget_key(day, "site"))]
+    if scope.owner:
+        counters.append(("owner", budget_key(day, "owner", scope.owner)))
+    if scope.user_id is None:
+        counters.append(("ip", budget_key(day, "ip", scope.address)))
+    return counters
+
+
+def budget_limits(cfg: Config, scope: ChatScope) -> dict[str, int]:
+    """The daily limits that apply to a scope, by counter kind (0 = unlimited: left out)."""
+    personal = (
+        cfg.chat_daily_tokens_user if scope.user_id is not None else cfg.chat_daily_tokens_anon
+    )
+    limits = {"site": cfg.chat_daily_tokens, "owner": personal}
+    if scope.user_id is None:
+        limits["ip"] = cfg.chat_daily_tokens_anon
+    return {kind: limit for kind, limit in limits.items() if limit > 0}
+
+
+def read_budget_counters(
+    kv: KeyValueStore, sql: SqlStore, day: str, keys: Sequence[str]
+) -> list[int]:
+    """Today's token counts of `keys`, from the key-value store; after a loss of its keys
+    (a Redis restart, a new embedded process) rebuilt from SQL first."""
+    values = kv.get_many([_ready_key(day), *keys])
+    if values[0] is None:
+        rebuild_budget_counters(kv, sql, day)
+        values = kv.get_many([_ready_key(day), *keys])
+    return [int(value or 0) for value in values[1:]]
+
+
+def rebuild_budget_counters(kv: KeyValueStore, sql: SqlStore, day: str) -> None:
+    """Set a day's counters to what chat_usage holds. An answer that ends while this runs
+    may be counted twice or not at all: the error is at most the answers in flight."""
+    totals: dict[str, int] = {budget_key(day, "site"): 0}
+    for owner, user_id, address, tokens in day_usage_totals(sql, day):
+        totals[budget_key(day, "site")] += tokens
+        if owner:
+            key = budget_key(day, "owner", owner)
+            totals[key] = totals.get(key, 0) + tokens
+        if user_id is None:
+            key = budget_key(day, "ip", address)
+            totals[key] = totals.get(key, 0) + tokens
+    items = [(key, str(value)) for key, value in totals.items()]
+    kv.set_values([*items, (_ready_key(day), "1")], BUDGET_KEY_SECONDS)
+    log.info("chat budgets: the day's counters rebuilt from SQL (%d of them)", len(items))
+
+
+def over_chat_budget(kv: KeyValueStore, sql: SqlStore, cfg: Config, scope: ChatScope) -> int | None:
+    """Seconds until the next UTC day if a daily budget of this scope is spent, else None.
+    One key-value round trip, no SQL (but after a loss of the counters)."""
+    limits = budget_limits(cfg, scope)
+    if not limits:
+        return None
+    day = utc_day()
+    counters = [(kind, key) for kind, key in budget_counters(scope, day) if kind in limits]
+    counts = read_budget_counters(kv, sql, day, [key for _, key in counters])
+    for (kind, _), count in zip(counters, counts, strict=True):
+        if count >= limits[kind]:
+            metrics.count("cloudchat_chat_budget_refusals_total", budget=kind)
+            return seconds_to_utc_midnight()
+    return None
+
+
+def count_answer_tokens(
+    kv: KeyValueStore,
+    sql: SqlStore,
+    scope: ChatScope,
+    model: tuple[str, str],
+    tokens: tuple[int, int],
+    estimated: bool,
+) -> None:
+    """Record one answer's (prompt, completion) tokens: its usage row in SQL (one upsert)
+    and today's budget counters."""
+    day = utc_day()
+    prompt, completion = tokens
+    add_chat_usage(
+        sql, day, (scope.owner, scope.user_id, scope.address), model, prompt, completion, estimated
+    )
+    counters = budget_counters(scope, day)
+    kv.add_many([(key, prompt + completion) for _, key in counters], BUDGET_KEY_SECONDS)
+    metrics.count("cloudchat_chat_tokens_total", prompt, provider=model[0], kind="prompt")
+    metrics.count("cloudchat_chat_tokens_total", completion, provider=model[0], kind="completion")
+
+
+def reported_tokens(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a provider's usage report, if it is a sane one."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    sane = all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 10**9
+        for n in (prompt, completion)
+    )
+    return (prompt, completion) if sane else None
+
+
+def estimated_tokens(characters: int) -> int:
+    """Tokens of text without a usage report: a character count / 4, rounded up."""
+    return (characters + 3) // 4
+
+
 class VisitorLeft(Exception):
     """The visitor hung up before the answer's first token."""
 
@@ -4054,9 +4357,10 @@ class ChatRelay:
     """The chats in flight: opens the provider stream of each (start), relays it to the
     visitor (relay), and, when the server stops, ends those still running (end_streams)."""
 
-    def __init__(self, cfg: Config, kv: KeyValueStore) -> None:
+    def __init__(self, cfg: Config, kv: KeyValueStore, sql: SqlStore) -> None:
         self._cfg = cfg
         self._kv = kv
+        self._sql = sql
         self.upstream = UpstreamPool(cfg.chat_connect_timeout, cfg.chat_read_timeout)
         self.open_streams = 0  # chat answers being relayed right now
         self._live: set[ChatStream] = set()
@@ -4125,9 +4429,12 @@ class ChatRelay:
         history: list[dict[str, str]],
         question: str,
         watch: HangupWatch,
+        scope: ChatScope,
+        prompt_chars: int,
     ) -> Iterator[bytes]:
         """The visitor's NDJSON stream; the round joins the owner's history (none: a
         visitor over its address's limit of new ids, who keeps nothing) once complete.
+        Its tokens count toward the scope's usage and budgets, finished or broken off.
 
         Lines go out as tokens arrive. With more than CHAT_BUSY_STREAMS answers streaming
         at once, a stream writes at most every CHAT_BUSY_FLUSH_SECONDS, several tokens a
@@ -4187,6 +4494,29 @@ class ChatRelay:
             if stream is not None:
                 self._live.discard(stream)
                 stream.close()
+            reply_chars = relayed["text"] + relayed["reasoning"]
+            self._count_tokens(stream, scope, usage, prompt_chars, reply_chars)
+
+    def _count_tokens(
+        self,
+        stream: ChatStream | None,
+        scope: ChatScope,
+        usage: Any,
+        prompt_chars: int,
+        reply_chars: int,
+    ) -> None:
+        provider = stream.provider if stream is not None else "echo"
+        model = next((p.model for p in self._cfg.chat_providers if p.name == provider), provider)
+        reported = reported_tokens(usage)
+        tokens = reported or (estimated_tokens(prompt_chars), estimated_tokens(reply_chars))
+        try:
+            count_answer_tokens(
+                self._kv, self._sql, scope, (provider, model), tokens, reported is None
+            )
+        except ReferenceGone:
+            log.info("chat usage not recorded: the account was deleted meanwhile")
+        except StoreUnavailable as exc:
+            outage_log.warning("chat usage not recorded", exc)
 
     def end_streams(self) -> None:
         """The grace period is over: every provider stream in flight ends now, and its
@@ -4754,8 +5084,12 @@ def delete_account(
     mark_cached_sessions_revoked(kv, cfg, hashes)
     owner = history_owner(user, None)
     assert owner is not None
+    today = utcnow()
+    budgets = [
+        budget_key(utc_day(day), "owner", owner) for day in (today, today - dt.timedelta(days=1))
+    ]
     try:
-        kv.delete(history_key(owner), *account_limit_keys(user))
+        kv.delete(history_key(owner), *account_limit_keys(user), *budgets)
     except StoreUnavailable as exc:
         log.error("deleted account's history and counters left to expire: %s", exc)
     return True
@@ -4812,7 +5146,20 @@ def export_account(
         "events": events[-events_max:],
         "events_truncated": len(events) > events_max,
         "chat_history": read_history(kv, owner),
-        "usage": [],
+        "usage": [
+            {
+                "day": str(day),
+                "provider": provider,
+                "model": model,
+                "requests": int(requests),
+                "prompt_tokens": int(prompt),
+                "completion_tokens": int(completion),
+                "estimated": int(estimated),
+            }
+            for day, provider, model, requests, prompt, completion, estimated in list_user_usage(
+                sql, user.id
+            )
+        ],
     }
 
 
@@ -5585,6 +5932,16 @@ def chat(s: Services) -> Any:
     elif new_visitor:
         log.info("chat: address over RATE_VISITOR_IDS_IP, answered without history")
         owner = None
+    anonymous = (visitor or new_visitor) if user is None and owner is not None else None
+    scope = ChatScope(user.id if user is not None else None, anonymous, address)
+    wait = over_chat_budget(s.kv, s.sql, cfg, scope)
+    if wait is not None:
+        raise ApiError(
+            429,
+            "chat_budget_exhausted",
+            "Today's chat budget is spent, please come back tomorrow",
+            {"Retry-After": str(wait)},
+        )
     messages = [
         {"role": "system", "content": cfg.system_prompt},
         *history,
@@ -5604,7 +5961,8 @@ def chat(s: Services) -> Any:
     bottle.response.content_type = "application/x-ndjson"
     bottle.response.set_header("Cache-Control", "no-store")
     bottle.response.set_header("X-Accel-Buffering", "no")  # nginx: pass lines on at once
-    return s.chat.relay(stream, batches, first, owner, history, message, watch)
+    prompt_chars = sum(len(m["content"]) for m in messages)
+    return s.chat.relay(stream, batches, first, owner, history, message, watch, scope, prompt_chars)
 
 
 def chat_history(s: Services) -> dict[str, Any]:
@@ -5616,6 +5974,24 @@ def chat_history(s: Services) -> dict[str, Any]:
     owner = history_owner(current_user(s), request_visitor_id(s))
     kept = read_history(s.kv, owner) if owner and cfg.max_history else []
     return {"ok": True, "messages": kept[-2 * cfg.max_history :]}
+
+
+def chat_usage(s: Services) -> dict[str, Any]:
+    """GET /chat/usage: the caller's tokens today (the account's, else the visitor's) and
+    the daily limit that applies to it (null: none)."""
+    cfg = s.cfg
+    address = client_address_key(cfg)
+    enforce_rate_limits(s.kv, [LimitCheck(cfg.rate_chat_ip, "history_ip", address)])
+    user = current_user(s)
+    visitor = request_visitor_id(s) if user is None else None
+    scope = ChatScope(user.id if user is not None else None, visitor, address)
+    day = utc_day()
+    tokens = 0
+    if scope.owner:
+        key = budget_key(day, "owner", scope.owner)
+        (tokens,) = read_budget_counters(s.kv, s.sql, day, [key])
+    limit = cfg.chat_daily_tokens_user if user is not None else cfg.chat_daily_tokens_anon
+    return {"ok": True, "today": {"tokens": tokens, "limit": limit or None}}
 
 
 def reset_chat(s: Services) -> dict[str, Any]:
@@ -5748,6 +6124,7 @@ ROUTES = (
     ),
     Route("POST", "/reset_chat", reset_chat),
     Route("GET", "/chat/history", chat_history, limits=("history_ip",)),
+    Route("GET", "/chat/usage", chat_usage, limits=("history_ip",)),
     Route("GET", "/auth/healthz", healthz),
     Route("GET", "/livez", livez),
     Route("GET", "/metrics", metrics_page),
@@ -5784,7 +6161,7 @@ def create_app(cfg: Config) -> CloudChatApp:
         hasher=PasswordHasher(cfg),
         jobs=jobs,
         mailer=Mailer(cfg, jobs),
-        chat=ChatRelay(cfg, kv),
+        chat=ChatRelay(cfg, kv, sql),
     )
     metrics.gauges["cloudchat_chat_streams_open"] = (
         "Chat answers streaming now",
@@ -6529,6 +6906,27 @@ def show_audit(
             print(format_event(row))
 
 
+def show_usage(cfg: Config, days: int, by: str, as_json: bool) -> None:
+    """usage [--days 7] [--by user|model|day] [--json]: chat tokens over the last days
+    (today included), the largest first."""
+    since = utc_day(utcnow() - dt.timedelta(days=days - 1))
+    with open_stores(cfg) as (sql, _):
+        rows = usage_report(sql, since, by)
+    total = 0
+    for what, requests, prompt, completion, estimated in rows:
+        tokens = int(prompt) + int(completion)
+        total += tokens
+        if as_json:
+            record = {by: what, "requests": int(requests), "prompt_tokens": int(prompt)}
+            record.update(completion_tokens=int(completion), estimated=int(estimated))
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            note = f"  ({int(estimated)} estimated)" if estimated else ""
+            print(f"{what}\t{int(requests)} answers\t{tokens} tokens{note}")
+    if not as_json:
+        print(f"{total} tokens since {since} (UTC)", file=sys.stderr)
+
+
 def cleanup_command(cfg: Config) -> None:
     """cleanup: delete ended sessions, used and expired links, old audit rows, now."""
     with open_stores(cfg) as (sql, _):
@@ -6604,6 +7002,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit_cmd.add_argument("--json", action="store_true", help="one JSON object a line")
     audit_cmd.add_argument("--limit", type=int, default=10_000, help="at most this many")
+    usage_cmd = command("usage", "chat tokens of the last days, by user, model or day")
+    usage_cmd.add_argument("--days", type=int, default=7, help="today and the days before")
+    usage_cmd.add_argument("--by", choices=tuple(USAGE_GROUPS), default="user")
+    usage_cmd.add_argument("--json", action="store_true", help="one JSON object a line")
     users_cmd = command("users", "list accounts, newest first")
     users_cmd.add_argument("--search", default="", help="email, phone or name contains this")
     users_cmd.add_argument("--limit", type=int, default=50)
@@ -6640,6 +7042,8 @@ def run_command(cfg: Config, args: argparse.Namespace) -> int:
             show_audit(cfg, args.email, args.since, args.json, max(1, args.limit))
         elif name == "users":
             list_users(cfg, args.search, max(1, args.limit))
+        elif name == "usage":
+            show_usage(cfg, max(1, args.days), args.by, args.json)
         elif name == "unlock":
             unlock(cfg, args.target)
         else:

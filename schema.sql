@@ -119,3 +119,22 @@ CREATE TABLE IF NOT EXISTS mfa_recovery_codes (
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS mfa_recovery_codes_user_id_idx ON mfa_recovery_codes (user_id);
+
+-- Chat tokens per UTC day, whose (an account, an anonymous visitor's hashed id, or '' for
+-- a chat that kept no history), client address and model: one upsert per answer. The
+-- daily budgets count in Redis and are rebuilt from here after a Redis loss. Rows go with
+-- their account, and with the cleanup job after AUDIT_RETENTION_DAYS.
+CREATE TABLE IF NOT EXISTS chat_usage (
+    day          text NOT NULL,                        -- YYYY-MM-DD, UTC
+    owner        text NOT NULL,                        -- user:<id> | visitor:<hash> | ''
+    user_id      bigint REFERENCES users (id) ON DELETE CASCADE,
+    address      text NOT NULL,                        -- IPv6: its IPV6_PREFIX_LENGTH network
+    provider     text NOT NULL,
+    model        text NOT NULL,
+    requests     bigint NOT NULL,
+    prompt_tokens bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    estimated    bigint NOT NULL,                      -- answers without a usage report
+    PRIMARY KEY (day, owner, address, provider, model)
+);
+CREATE INDEX IF NOT EXISTS chat_usage_user_id_idx ON chat_usage (user_id);

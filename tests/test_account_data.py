@@ -637,7 +637,11 @@ def test_export_holds_everything_about_the_caller_and_nothing_else(
         {"role": "user", "content": message},
         {"role": "assistant", "content": echoed},
     ], data["chat_history"]
-    assert data["usage"] == [], data
+    # The one chat round, with the offline echo provider (no usage report: estimated).
+    (usage,) = data["usage"]
+    assert usage["provider"] == usage["model"] == "echo", usage
+    assert usage["requests"] == 1 and usage["estimated"] == 1, usage
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0, usage
 
     forbidden = [
         other_email,

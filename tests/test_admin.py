@@ -856,14 +856,12 @@ def test_unlock_of_nothing_known(limited: Server) -> None:
 
 
 def cleanup_counts(out: str) -> dict[str, int]:
-    """'N sessions, N password_resets, N email_tokens, N auth_events deleted' as a dict."""
+    """'N sessions, N password_resets, N email_tokens, N auth_events, N chat_usage deleted'
+    as a dict."""
     # stdout is the result alone: a command's log goes to stderr.
-    match = re.fullmatch(
-        r"(\d+) sessions, (\d+) password_resets, (\d+) email_tokens, (\d+) auth_events deleted",
-        out.strip(),
-    )
+    names = ("sessions", "password_resets", "email_tokens", "auth_events", "chat_usage")
+    match = re.fullmatch(", ".join(rf"(\d+) {name}" for name in names) + " deleted", out.strip())
     assert match, out
-    names = ("sessions", "password_resets", "email_tokens", "auth_events")
     return dict(zip(names, map(int, match.groups()), strict=True))
 
 
@@ -908,8 +906,28 @@ def test_cleanup_deletes_exactly_the_dead_rows(admin: Server) -> None:
     old, kept = f"old={random_hex(4)}", f"kept={random_hex(4)}"
     insert_event(admin, user, ago(days=91), old)
     insert_event(admin, user, ago(days=89), kept)
+    usage_days = {
+        "dead": ago(days=91).strftime("%Y-%m-%d"),
+        "live": ago(days=89).strftime("%Y-%m-%d"),
+    }
+    for day in usage_days.values():
+        sql_rows(
+            admin,
+            "INSERT INTO chat_usage (day, owner, user_id, address, provider, model, requests,"
+            " prompt_tokens, completion_tokens, estimated)"
+            " VALUES (%s, %s, %s, '192.0.2.1', 'echo', 'echo', 1, 10, 20, 1)",
+            (day, f"user:{user}", user),
+        )
     counts = cleanup_counts(ok(admin, "cleanup"))
-    assert counts == {"sessions": 4, "password_resets": 1, "email_tokens": 1, "auth_events": 1}
+    assert counts == {
+        "sessions": 4,
+        "password_resets": 1,
+        "email_tokens": 1,
+        "auth_events": 1,
+        "chat_usage": 1,
+    }
+    days_left = sql_rows(admin, "SELECT day FROM chat_usage WHERE user_id = %s", (user,))
+    assert [row["day"] for row in days_left] == [usage_days["live"]]
     assert surviving(admin, "sessions", "id_hash", dead_sessions + live_sessions) == set(
         live_sessions
     )
