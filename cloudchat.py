@@ -271,12 +271,18 @@ class Config:
         "LOG_LEVEL", "INFO", "choice", ("DEBUG", "INFO", "WARNING", "ERROR"), True
     )
     log_format: str = _setting("LOG_FORMAT", "text", "choice", ("text", "json"))
+    demo_page: str = _setting("DEMO_PAGE", "auto", "choice", ("auto", "0", "1"))
     metrics_token: str = _setting("METRICS_TOKEN", "", secret=True)
 
     @property
     def production(self) -> bool:
         """True when CLOUDCHAT_ENV=production."""
         return self.env == "production"
+
+    @property
+    def serves_demo_page(self) -> bool:
+        """DEMO_PAGE=1, or (auto, the default) in development."""
+        return self.demo_page == "1" or (self.demo_page == "auto" and not self.production)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Config":
@@ -6042,6 +6048,460 @@ def timestamp(s: Services) -> dict[str, Any]:
     return {"timestamp": time.time(), "request_id": _request_id()}
 
 
+# -- the demo page ----------------------------------------------------------------------------
+
+# One page that tries every part of the API in a browser: served at / and at the paths the
+# mails link to (reset_password, verify_email) when DEMO_PAGE is on. Inline script and style,
+# allowed by their hashes; no inline handlers, no external assets; relative URLs, so it works
+# under a prefix (nginx's /cloudchat/). English and Simplified Chinese.
+DEMO_PAGE_HTML = r"""<!doctype html>
+<html lang="__LANG__">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
+<title>CloudChat</title>
+<style>
+:root { color-scheme: light dark; --accent: #2563eb; --line: #8884; }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 60rem; padding: 1rem; font: 16px/1.5 system-ui, sans-serif; }
+header {
+  display: flex;
+  flex-wrap: wrap;
+  gap: .5rem;
+  align-items: center;
+  justify-content: space-between;
+}
+h1 { font-size: 1.4rem; margin: 0; }
+h2 { font-size: 1.1rem; margin: 0 0 .5rem; }
+main { display: grid; gap: 1rem; grid-template-columns: repeat(auto-fit, minmax(17rem, 1fr)); }
+section { border: 1px solid var(--line); border-radius: .5rem; padding: .75rem; min-width: 0; }
+form { display: grid; gap: .4rem; margin: 0 0 .75rem; }
+label { display: grid; gap: .15rem; font-size: .9rem; }
+input, textarea, select, button {
+  font: inherit;
+  padding: .4rem .5rem;
+  border-radius: .35rem;
+  border: 1px solid var(--line);
+  max-width: 100%;
+}
+button { background: var(--accent); color: #fff; border-color: var(--accent); cursor: pointer; }
+button.plain { background: transparent; color: inherit; border-color: var(--line); }
+:focus-visible { outline: 3px solid #f59e0b; outline-offset: 2px; }
+[hidden] { display: none !important; }
+#status { min-height: 1.5rem; margin: .5rem 0; }
+#status.error { color: #dc2626; }
+#chat { grid-column: 1 / -1; }
+#chat-log { display: grid; gap: .5rem; max-height: 50vh; overflow-y: auto; margin-bottom: .5rem; }
+.msg { padding: .4rem .6rem; border-radius: .5rem; white-space: pre-wrap; overflow-wrap: anywhere; }
+.msg.user { background: #2563eb22; justify-self: end; }
+.msg.assistant { background: #8882; justify-self: start; }
+#sessions-list {
+  list-style: none;
+  padding: 0;
+  margin: 0;
+  display: grid;
+  gap: .4rem;
+  font-size: .9rem;
+}
+#sessions-list li button { flex: none; }
+#sessions-list li {
+  display: flex;
+  gap: .5rem;
+  align-items: center;
+  justify-content: space-between;
+  overflow-wrap: anywhere;
+}
+.row { display: flex; flex-wrap: wrap; gap: .4rem; align-items: center; }
+.row.spread { justify-content: space-between; }
+</style>
+</head>
+<body>
+<header>
+  <h1>CloudChat</h1>
+  <button id="lang" class="plain" type="button" aria-label="Language">中文</button>
+</header>
+<p id="status" role="status" aria-live="polite"></p>
+<main>
+  <section id="account" aria-labelledby="account-h">
+    <h2 id="account-h" data-i18n="account">Account</h2>
+    <div id="me"><p id="me-info" data-i18n="signedOut">Not signed in.</p></div>
+    <div id="signed-in" class="row" hidden>
+      <label><span data-i18n="scope">Log out</span>
+        <select id="logout-scope">
+          <option value="local" data-i18n="scopeLocal">this browser</option>
+          <option value="others" data-i18n="scopeOthers">other devices</option>
+          <option value="global" data-i18n="scopeGlobal">everywhere</option>
+        </select>
+      </label>
+      <button id="logout" type="button" data-i18n="logout">Log out</button>
+    </div>
+    <form id="login">
+      <h2 data-i18n="login">Log in</h2>
+      <label><span data-i18n="identifier">Email or phone</span>
+        <input id="login-id" autocomplete="username" required>
+      </label>
+      <label><span data-i18n="password">Password</span>
+        <input id="login-password" type="password" autocomplete="current-password" required>
+      </label>
+      <button type="submit" data-i18n="login">Log in</button>
+    </form>
+    <form id="mfa" hidden>
+      <label><span data-i18n="mfaCode">Code from your authenticator app, or a recovery code</span>
+        <input id="mfa-code" autocomplete="one-time-code" required>
+      </label>
+      <button type="submit" data-i18n="confirm">Confirm</button>
+    </form>
+    <form id="register">
+      <h2 data-i18n="register">Create an account</h2>
+      <label><span data-i18n="email">Email</span>
+        <input id="reg-email" type="email" autocomplete="email" required>
+      </label>
+      <label><span data-i18n="password">Password</span>
+        <input id="reg-password" type="password" autocomplete="new-password" minlength="8" required>
+      </label>
+      <label><span data-i18n="name">Display name (optional)</span>
+        <input id="reg-name" autocomplete="nickname">
+      </label>
+      <button type="submit" data-i18n="register">Create an account</button>
+    </form>
+  </section>
+  <section id="security" aria-labelledby="security-h">
+    <h2 id="security-h" data-i18n="sessions">Signed-in devices</h2>
+    <div class="row">
+      <button id="sessions-refresh" class="plain" type="button" data-i18n="refresh">Refresh</button>
+    </div>
+    <ul id="sessions-list"></ul>
+    <form id="forgot">
+      <h2 data-i18n="forgot">Forgot your password?</h2>
+      <label><span data-i18n="identifier">Email or phone</span>
+        <input id="forgot-id" autocomplete="username" required>
+      </label>
+      <button type="submit" data-i18n="sendLink">Send me a link</button>
+    </form>
+    <form id="reset" hidden>
+      <h2 data-i18n="reset">Choose a new password</h2>
+      <label><span data-i18n="newPassword">New password</span>
+        <input id="reset-password" type="password" autocomplete="new-password" minlength="8"
+          required>
+      </label>
+      <button type="submit" data-i18n="save">Save</button>
+    </form>
+    <div id="verify" hidden>
+      <h2 data-i18n="verify">Confirm your email address</h2>
+      <button id="verify-button" type="button" data-i18n="confirm">Confirm</button>
+    </div>
+  </section>
+  <section id="chat" aria-labelledby="chat-h">
+    <div class="row spread">
+      <h2 id="chat-h" data-i18n="chat">Chat</h2>
+      <button id="new-chat" class="plain" type="button" data-i18n="newChat">New chat</button>
+    </div>
+    <div id="chat-log" aria-live="polite"></div>
+    <form id="chat-form">
+      <label><span data-i18n="message">Message</span>
+        <textarea id="chat-input" rows="2" required></textarea>
+      </label>
+      <button type="submit" data-i18n="send">Send</button>
+    </form>
+  </section>
+</main>
+<script>
+"use strict";
+const TEXT = {
+  en: {},
+  zh: {
+    account: "账户", signedOut: "未登录\u3002", scope: "退出范围", scopeLocal: "此浏览器",
+    scopeOthers: "其他设备", scopeGlobal: "所有设备", logout: "退出", login: "登录",
+    identifier: "邮箱或手机号", password: "密码", mfaCode: "身份验证器中的验证码\uff0c或恢复码",
+    confirm: "确认", register: "注册账户", email: "邮箱", name: "昵称\uff08可选\uff09",
+    sessions: "已登录的设备", refresh: "刷新", forgot: "忘记密码\uff1f", sendLink: "发送链接",
+    reset: "设置新密码", newPassword: "新密码", save: "保存", verify: "确认邮箱地址", chat: "聊天",
+    newChat: "新对话", message: "消息", send: "发送", signedInAs: "已登录\uff1a",
+    current: "\uff08当前\uff09", revoke: "移除", done: "完成\u3002",
+    linkSent: "如果该账户存在\uff0c链接已发送\u3002", registered: "账户已创建\uff0c请登录\u3002",
+    passwordSaved: "密码已更新\uff0c请登录\u3002", verified: "邮箱已确认\u3002",
+    loggedOut: "已退出\u3002", thinking: "\u2026\u2026",
+  },
+};
+const EN = {};
+for (const el of document.querySelectorAll("[data-i18n]")) EN[el.dataset.i18n] = el.textContent;
+Object.assign(EN, {
+  signedInAs: "Signed in as ", current: " (this browser)", revoke: "Remove", done: "Done.",
+  linkSent: "If the account exists, a link is on its way.", registered: "Account created: log in.",
+  passwordSaved: "Password saved: log in.", verified: "Email address confirmed.",
+  loggedOut: "Logged out.",
+  thinking: "…",
+});
+TEXT.en = EN;
+const served = document.documentElement.lang.startsWith("zh") ? "zh" : "en";
+let lang = localStorage.getItem("cloudchat-lang") || served;
+const t = (key) => (TEXT[lang] && TEXT[lang][key]) || EN[key] || key;
+const $ = (id) => document.getElementById(id);
+
+function applyLang() {
+  document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
+  for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  $("lang").textContent = lang === "zh" ? "English" : "中文";
+}
+
+function say(text, isError) {
+  $("status").textContent = text || "";
+  $("status").className = isError ? "error" : "";
+}
+
+async function api(method, path, body, quiet) {
+  const options = { method, credentials: "same-origin", headers: {} };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, options);
+  let data = {};
+  try {
+    data = await response.json();
+  } catch (e) {
+    data = { ok: false, error: response.statusText };
+  }
+  data.status = response.status;
+  if (!data.ok && !quiet && data.code !== "mfa_required") {
+    say(data.error || "Error " + response.status, true);
+  }
+  return data;
+}
+
+async function refreshMe() {
+  const data = await api("GET", "auth/me", undefined, true);
+  const user = data.ok ? data.user : null;
+  const name = user && user.display_name ? " (" + user.display_name + ")" : "";
+  $("me-info").textContent = user ? t("signedInAs") + user.email + name : t("signedOut");
+  $("signed-in").hidden = !user;
+  $("login").hidden = !!user;
+  $("register").hidden = !!user;
+  $("mfa").hidden = true;
+  await (user ? refreshSessions() : clearSessions());
+  await loadHistory();
+}
+
+function clearSessions() { $("sessions-list").replaceChildren(); }
+
+async function refreshSessions() {
+  const data = await api("GET", "auth/sessions");
+  clearSessions();
+  for (const s of data.sessions || []) {
+    const item = document.createElement("li");
+    const info = document.createElement("span");
+    const seen = s.last_seen_at.slice(0, 16).replace("T", " ");
+    const agent = (s.user_agent || "?").slice(0, 60);
+    info.textContent = agent + " · " + s.ip + " · " + seen + (s.current ? t("current") : "");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "plain revoke";
+    button.textContent = t("revoke");
+    button.addEventListener("click", async () => {
+      const done = await api("DELETE", "auth/sessions/" + encodeURIComponent(s.id));
+      if (done.ok) { say(t("done")); await refreshMe(); }
+    });
+    item.append(info, button);
+    $("sessions-list").append(item);
+  }
+}
+
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  div.textContent = text;
+  $("chat-log").append(div);
+  $("chat-log").scrollTop = $("chat-log").scrollHeight;
+  return div;
+}
+
+async function loadHistory() {
+  const data = await api("GET", "chat/history");
+  $("chat-log").replaceChildren();
+  for (const m of data.messages || []) bubble(m.role, m.content);
+}
+
+async function sendChat(message) {
+  bubble("user", message);
+  const answer = bubble("assistant", t("thinking"));
+  const response = await fetch("deepseek_chat", {
+    method: "POST", credentials: "same-origin",
+    headers: { "Content-Type": "application/json" }, body: JSON.stringify({ message }),
+  });
+  if (!response.ok || !response.body) {
+    let data = {};
+    try { data = await response.json(); } catch (e) { data = {}; }
+    answer.remove();
+    say(data.error || "Error " + response.status, true);
+    return;
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "", text = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, end);
+      buffered = buffered.slice(end + 1);
+      if (!line.trim()) continue;
+      const event = JSON.parse(line);
+      if (typeof event.text === "string") { text += event.text; answer.textContent = text; }
+      if (event.error) say(event.error, true);
+    }
+  }
+  answer.dataset.done = "1";
+}
+
+function on(id, handler) {
+  $(id).addEventListener("submit", async (event) => {
+    event.preventDefault();
+    say("");
+    await handler();
+  });
+}
+
+on("login", async () => {
+  const body = { identifier: $("login-id").value, password: $("login-password").value };
+  const data = await api("POST", "auth/login", body);
+  if (data.ok) { $("login-password").value = ""; await refreshMe(); }
+  else if (data.code === "mfa_required") {
+    $("login").hidden = true;
+    $("mfa").hidden = false;
+    $("mfa-code").focus();
+    say(data.error);
+  }
+});
+on("mfa", async () => {
+  const value = $("mfa-code").value.trim();
+  const body = /^[0-9 ]+$/.test(value) ? { code: value } : { recovery_code: value };
+  const data = await api("POST", "auth/login/mfa", body);
+  $("mfa-code").value = "";
+  if (data.ok) await refreshMe();
+});
+on("register", async () => {
+  const body = { email: $("reg-email").value, password: $("reg-password").value };
+  if ($("reg-name").value.trim()) body.display_name = $("reg-name").value.trim();
+  const data = await api("POST", "auth/register", body);
+  if (data.ok) {
+    say(t("registered"));
+    $("login-id").value = body.email;
+    $("reg-password").value = "";
+    $("login-password").focus();
+  }
+});
+on("forgot", async () => {
+  const data = await api("POST", "auth/password/forgot", { identifier: $("forgot-id").value });
+  if (data.ok) say(t("linkSent"));
+});
+on("reset", async () => {
+  const token = new URLSearchParams(location.search).get("token") || "";
+  const password = $("reset-password").value;
+  const data = await api("POST", "auth/password/reset", { token, password });
+  if (data.ok) {
+    say(t("passwordSaved"));
+    $("reset").hidden = true;
+    history.replaceState(null, "", "./");
+  }
+});
+on("chat-form", async () => {
+  const message = $("chat-input").value.trim();
+  if (!message) return;
+  $("chat-input").value = "";
+  await sendChat(message);
+});
+$("chat-input").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    $("chat-form").requestSubmit();
+  }
+});
+$("logout").addEventListener("click", async () => {
+  const data = await api("POST", "auth/logout", { scope: $("logout-scope").value });
+  if (data.ok) { say(t("loggedOut")); await refreshMe(); }
+});
+$("sessions-refresh").addEventListener("click", refreshSessions);
+$("new-chat").addEventListener("click", async () => {
+  const data = await api("POST", "reset_chat");
+  if (data.ok) $("chat-log").replaceChildren();
+});
+$("verify-button").addEventListener("click", async () => {
+  const token = new URLSearchParams(location.search).get("token") || "";
+  const data = await api("POST", "auth/email/verify", { token });
+  if (data.ok) { say(t("verified")); $("verify").hidden = true; await refreshMe(); }
+});
+$("lang").addEventListener("click", () => {
+  lang = lang === "zh" ? "en" : "zh";
+  localStorage.setItem("cloudchat-lang", lang);
+  applyLang();
+  refreshMe();
+});
+
+const page = location.pathname.slice(location.pathname.lastIndexOf("/") + 1);
+$("reset").hidden = page !== "reset_password";
+$("verify").hidden = page !== "verify_email";
+applyLang();
+refreshMe();
+</script>
+</body>
+</html>"""
+
+
+def preferred_language(accept_language: str) -> str:
+    """ "zh" when Accept-Language prefers Chinese to English, else "en"."""
+    best, best_q = "en", -1.0
+    for position, part in enumerate(accept_language.split(",")[:20]):
+        tag, _, params = part.strip().partition(";")
+        quality = 1.0
+        if params.strip().startswith("q="):
+            try:
+                quality = float(params.strip()[2:])
+            except ValueError:
+                continue
+        primary = tag.strip().lower().split("-")[0]
+        # Earlier tags win ties, as the header lists them in the visitor's order.
+        score = quality - position * 1e-6
+        if primary in ("en", "zh") and quality > 0 and score > best_q:
+            best, best_q = primary, score
+    return best
+
+
+def _csp_hash(text: str) -> str:
+    digest = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+    return f"'sha256-{digest}'"
+
+
+@functools.cache
+def demo_page_policy() -> str:
+    """The page's Content-Security-Policy: its own script and style by hash, nothing else
+    inline, nothing from elsewhere, never in a frame."""
+    script = DEMO_PAGE_HTML.split("<script>", 1)[1].split("</script>", 1)[0]
+    style = DEMO_PAGE_HTML.split("<style>", 1)[1].split("</style>", 1)[0]
+    return (
+        f"default-src 'self'; script-src {_csp_hash(script)}; style-src {_csp_hash(style)};"
+        " img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+def serve_demo_page(s: Services) -> bytes:
+    """GET /, /reset_password, /verify_email: the demo page (404 when DEMO_PAGE is off)."""
+    if not s.cfg.serves_demo_page:
+        raise ApiError(404, *_DEFAULT_ERRORS[404])
+    language = preferred_language(bottle.request.environ.get("HTTP_ACCEPT_LANGUAGE", ""))
+    page = DEMO_PAGE_HTML.replace("__LANG__", "zh-CN" if language == "zh" else "en", 1)
+    bottle.response.content_type = "text/html; charset=utf-8"
+    bottle.response.set_header("Content-Security-Policy", demo_page_policy())
+    bottle.response.set_header("Cache-Control", "no-cache")
+    bottle.response.set_header("X-Frame-Options", "DENY")
+    bottle.response.set_header("Referrer-Policy", "no-referrer")
+    bottle.response.set_header("Vary", "Accept-Language")
+    return page.encode("utf-8")
+
+
 # -- the routing table -------------------------------------------------------------------
 
 
@@ -6129,6 +6589,9 @@ ROUTES = (
     Route("GET", "/livez", livez),
     Route("GET", "/metrics", metrics_page),
     Route("GET", "/test", timestamp),
+    Route("GET", "/", serve_demo_page),
+    Route("GET", "/reset_password", serve_demo_page),
+    Route("GET", "/verify_email", serve_demo_page),
 )
 
 
