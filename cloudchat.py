@@ -6076,7 +6076,10 @@ header {
 h1 { font-size: 1.4rem; margin: 0; }
 h2 { font-size: 1.1rem; margin: 0 0 .5rem; }
 main { display: grid; gap: 1rem; grid-template-columns: repeat(auto-fit, minmax(17rem, 1fr)); }
-section { border: 1px solid var(--line); border-radius: .5rem; padding: .75rem; min-width: 0; }
+section {
+  border: 1px solid var(--line); border-radius: .5rem; padding: .75rem; min-width: 0;
+  overflow-wrap: anywhere;
+}
 form { display: grid; gap: .4rem; margin: 0 0 .75rem; }
 label { display: grid; gap: .15rem; font-size: .9rem; }
 input, textarea, select, button {
