@@ -83,6 +83,7 @@ import psycopg2.extensions
 import redis
 import redis.backoff
 import redis.retry
+import redis.sentinel
 
 __version__ = "0.1.0"
 
@@ -179,6 +180,13 @@ class Config:
     redis_timeout: float = _setting("REDIS_TIMEOUT", 1.0, "number", 0.05, 60)
     redis_pool_size: int = _setting("REDIS_POOL_SIZE", 64, "integer", 1, 1000)
     redis_key_prefix: str = _setting("REDIS_KEY_PREFIX", "cc:")
+    redis_ca_file: str = _setting("REDIS_CA_FILE", "")
+    redis_sentinels: tuple[tuple[str, int], ...] = _setting(
+        "REDIS_SENTINELS", (), "hostports", 26379
+    )
+    redis_sentinel_master: str = _setting("REDIS_SENTINEL_MASTER", "mymaster")
+    redis_sentinel_password: str = _setting("REDIS_SENTINEL_PASSWORD", "", "secret", secret=True)
+    allow_plaintext_stores: bool = _setting("ALLOW_PLAINTEXT_STORES", False, "flag")
     auth_cookie_name: str = _setting("AUTH_COOKIE_NAME", "cc_auth")
     app_session_cookie_name: str = _setting("APP_SESSION_COOKIE_NAME", "cc_app")
     cookie_secure: bool = _setting("COOKIE_SECURE", False, "flag")
@@ -280,6 +288,11 @@ class Config:
         return self.env == "production"
 
     @property
+    def uses_redis(self) -> bool:
+        """Whether the key-value store is Redis (REDIS_URL or REDIS_SENTINELS)."""
+        return bool(self.redis_url or self.redis_sentinels)
+
+    @property
     def serves_demo_page(self) -> bool:
         """DEMO_PAGE=1, or (auto, the default) in development."""
         return self.demo_page == "1" or (self.demo_page == "auto" and not self.production)
@@ -337,6 +350,11 @@ def setting_problems(cfg: Config) -> list[str]:
             "ARGON2_MEMORY_KIB must be at least 8 x ARGON2_PARALLELISM (raise it or lower the"
             " parallelism)"
         )
+    if cfg.redis_ca_file and not cfg.redis_url.startswith("rediss://"):
+        problems.append(
+            "REDIS_CA_FILE is set but REDIS_URL is not rediss:// (use rediss://, or unset the"
+            " CA file)"
+        )
     if cfg.metrics_token and len(cfg.metrics_token) < SECRET_KEY_MIN:
         problems.append(
             f"METRICS_TOKEN is shorter than {SECRET_KEY_MIN} characters (make one with"
@@ -350,6 +368,7 @@ def setting_problems(cfg: Config) -> list[str]:
     for name, path, what in (
         ("PASSWORD_BLOCKLIST_FILE", cfg.password_blocklist_file, "a file of one password a line"),
         ("SMTP_CA_FILE", cfg.smtp_ca_file, "the PEM file of the relay's CA"),
+        ("REDIS_CA_FILE", cfg.redis_ca_file, "the PEM file of the Redis server's CA"),
     ):
         if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             problems.append(f"{name}={path!r} cannot be read (point it at {what}, or unset it)")
@@ -394,6 +413,37 @@ def redact_url(text: str) -> str:
     return _URL_USERINFO_RE.sub(r"\1***@", text)
 
 
+def plaintext_store_problems(cfg: Config) -> list[str]:
+    """PostgreSQL or Redis reached over another machine's network without TLS, unless
+    ALLOW_PLAINTEXT_STORES=1 says that network is private."""
+    if cfg.allow_plaintext_stores:
+        return []
+    problems = []
+    override = "or, on a private network, set ALLOW_PLAINTEXT_STORES=1"
+    if cfg.database_url:
+        try:
+            params = psycopg2.extensions.parse_dsn(cfg.database_url)
+        except psycopg2.ProgrammingError:
+            params = {}
+        hosts = [h.strip() for h in params.get("host", "").split(",") if h.strip()]
+        remote = [h for h in hosts if not h.startswith("/") and not _is_loopback(h)]
+        if remote and params.get("sslmode") not in ("require", "verify-ca", "verify-full"):
+            problems.append(
+                f"DATABASE_URL reaches {', '.join(remote)} without TLS (add sslmode=verify-full"
+                f" and sslrootcert=<the server's CA file>, at least sslmode=require; {override})"
+            )
+    redis_hosts = [host for host, _ in cfg.redis_sentinels]
+    if cfg.redis_url and not cfg.redis_sentinels:
+        redis_hosts.append(urllib.parse.urlsplit(cfg.redis_url).hostname or "")
+    remote_redis = [h for h in redis_hosts if h and not _is_loopback(h)]
+    if remote_redis and not cfg.redis_url.startswith("rediss://"):
+        problems.append(
+            f"Redis at {', '.join(remote_redis)} is reached without TLS (use a rediss:// REDIS_URL,"
+            f" with REDIS_CA_FILE for a private CA; {override})"
+        )
+    return problems
+
+
 def production_problems(cfg: Config) -> list[str]:
     """Each unsafe setting in production, as 'cause (fix)'."""
     problems = []
@@ -411,7 +461,8 @@ def production_problems(cfg: Config) -> list[str]:
             " (set it to 64 random hex digits: python -c 'import secrets;"
             " print(secrets.token_hex(32))')"
         )
-    if not cfg.redis_url:
+    problems += plaintext_store_problems(cfg)
+    if not cfg.uses_redis:
         problems.append(
             "Redis is not configured, the in-process store serves one process only (set REDIS_URL)"
         )
@@ -633,6 +684,24 @@ class _EnvReader:
                     found.append(origin)
         return tuple(found)
 
+    def hostports(self, name: str, default: tuple[Any, ...], port: int) -> tuple[Any, ...]:
+        """host:port,host:port,... as (host, port) pairs; `port` where one is left out."""
+        self.read.add(name)
+        raw = self._environ.get(name)
+        if raw is None:
+            return default
+        found = []
+        for item in (part.strip() for part in raw.split(",")):
+            if not item:
+                continue
+            host, sep, number = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+            host = (host if sep else item).strip("[]")
+            if not host or (sep and not number.isdigit()) or not 0 < int(number or port) < 65536:
+                self.problems.append(f"{name}: {item!r} is not host:port")
+                continue
+            found.append((host, int(number or port)))
+        return tuple(found)
+
     def networks(self, name: str, default: tuple[Any, ...]) -> tuple[Any, ...]:
         self.read.add(name)
         raw = self._environ.get(name)
@@ -747,7 +816,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def config_secrets(cfg: Config) -> list[str]:
     """The passwords and keys of a configuration, for RedactingFormatter to keep out of logs."""
-    found = [cfg.smtp_pass, cfg.secret_key, cfg.metrics_token]
+    found = [cfg.smtp_pass, cfg.secret_key, cfg.metrics_token, cfg.redis_sentinel_password]
     found += [p.api_key for p in cfg.chat_providers]
     for url in (cfg.database_url, cfg.redis_url):
         parts = urllib.parse.urlsplit(url) if "://" in url else None
@@ -2155,32 +2224,79 @@ class KeyValueStore:
         """Release connections."""
 
 
+class RedisSentinel(NamedTuple):
+    """Where Redis Sentinel says which server is the primary: its addresses, the name of the
+    primary it watches, and the sentinels' own password (if any)."""
+
+    addresses: tuple[tuple[str, int], ...]
+    master: str
+    password: str = ""
+
+
+def sentinel_master_client(
+    url: str, pool_size: int, sentinel: RedisSentinel, options: dict[str, Any]
+) -> redis.Redis:
+    """A client of the primary the sentinels name, following it through a failover; the
+    username, password, database and TLS of REDIS_URL (if set) apply to it."""
+    target: dict[str, Any] = {}
+    if url:
+        parsed = redis.connection.parse_url(url)
+        target = {k: v for k, v in parsed.items() if k in ("username", "password", "db")}
+        if parsed.get("connection_class") is redis.SSLConnection:
+            target["ssl"] = True
+    watchers = redis.sentinel.Sentinel(
+        list(sentinel.addresses),
+        sentinel_kwargs={
+            "password": sentinel.password or None,
+            "socket_timeout": options["socket_timeout"],
+            "socket_connect_timeout": options["socket_connect_timeout"],
+        },
+    )
+    return watchers.master_for(sentinel.master, max_connections=pool_size, **target, **options)
+
+
 class RedisStore(KeyValueStore):
     """Redis through a bounded connection pool; every key carries the configured prefix."""
 
     shared = True
 
-    def __init__(self, url: str, prefix: str, timeout: float, pool_size: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        timeout: float,
+        pool_size: int,
+        ca_file: str = "",
+        sentinel: RedisSentinel | None = None,
+    ) -> None:
         self._prefix = prefix
         # One immediate retry on a dropped connection (a restarted Redis), none on a timeout:
         # a hung Redis must cost one timeout, not several.
         retry = redis.retry.Retry(
             redis.backoff.NoBackoff(), 1, supported_errors=(redis.ConnectionError,)
         )
-        self._pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            # Waiting for a free connection is waiting for other requests, which a busy
-            # event loop (500 chat streams starting at once) can delay past REDIS_TIMEOUT
-            # while Redis is fine. A hung Redis frees every connection within
-            # REDIS_TIMEOUT, so twice that still bounds the wait.
-            timeout=2 * timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=retry,
-            decode_responses=True,
-        )
-        self._client = redis.Redis(connection_pool=self._pool)
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": retry,
+            "decode_responses": True,
+        }
+        if ca_file and url.startswith("rediss://"):
+            options["ssl_ca_certs"] = ca_file  # a private CA; the host name is checked too
+        if sentinel is not None:
+            self._client = sentinel_master_client(url, pool_size, sentinel, options)
+        else:
+            pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=pool_size,
+                # Waiting for a free connection is waiting for other requests, which a busy
+                # event loop (500 chat streams starting at once) can delay past
+                # REDIS_TIMEOUT while Redis is fine. A hung Redis frees every connection
+                # within REDIS_TIMEOUT, so twice that still bounds the wait.
+                timeout=2 * timeout,
+                **options,
+            )
+            self._client = redis.Redis(connection_pool=pool)
         self._hit_many = self._client.register_script(self._HIT_MANY)
         self._overwrite_unless = self._client.register_script(self._OVERWRITE_UNLESS)
 
@@ -2340,7 +2456,7 @@ end
             self._client.ping()
 
     def close(self) -> None:
-        self._pool.disconnect()
+        self._client.connection_pool.disconnect()
 
 
 class MemoryStore(KeyValueStore):
@@ -2480,11 +2596,21 @@ class MemoryStore(KeyValueStore):
 
 def open_kv_store(cfg: Config) -> KeyValueStore:
     """Redis when configured, else the in-process store."""
-    if cfg.redis_url:
-        return RedisStore(
-            cfg.redis_url, cfg.redis_key_prefix, cfg.redis_timeout, cfg.redis_pool_size
+    if not cfg.uses_redis:
+        return MemoryStore()
+    sentinel = None
+    if cfg.redis_sentinels:
+        sentinel = RedisSentinel(
+            cfg.redis_sentinels, cfg.redis_sentinel_master, cfg.redis_sentinel_password
         )
-    return MemoryStore()
+    return RedisStore(
+        cfg.redis_url,
+        cfg.redis_key_prefix,
+        cfg.redis_timeout,
+        cfg.redis_pool_size,
+        cfg.redis_ca_file,
+        sentinel,
+    )
 
 
 ###############################################################################
@@ -6963,7 +7089,7 @@ def connections_the_fd_limit_allows(cfg: Config) -> int:
     # What the process holds besides client and provider sockets: the pools at their
     # fullest, and 32 for the listening socket, the event loop, logs, SQLite's files,
     # the idle provider connections, mail and the thread pool.
-    reserve = (cfg.redis_pool_size if cfg.redis_url else 0) + 32
+    reserve = (cfg.redis_pool_size if cfg.uses_redis else 0) + 32
     reserve += cfg.db_pool_size if cfg.database_url else 0
     return max(8, (soft - reserve) // 2)
 
@@ -7049,7 +7175,9 @@ def serve(cfg: Config) -> int:
     log.info(
         "storage: %s, %s",
         "PostgreSQL" if cfg.database_url else f"SQLite file {cfg.db_path}",
-        "Redis" if cfg.redis_url else "in-process key-value store (one process only)",
+        ("Redis through Sentinel" if cfg.redis_sentinels else "Redis")
+        if cfg.uses_redis
+        else "in-process key-value store (one process only)",
     )
     if cfg.chat_providers:
         log.info("chat providers: %s", ", ".join(p.name for p in cfg.chat_providers))
