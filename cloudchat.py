@@ -425,8 +425,14 @@ def plaintext_store_problems(cfg: Config) -> list[str]:
             params = psycopg2.extensions.parse_dsn(cfg.database_url)
         except psycopg2.ProgrammingError:
             params = {}
-        hosts = [h.strip() for h in params.get("host", "").split(",") if h.strip()]
-        remote = [h for h in hosts if not h.startswith("/") and not _is_loopback(h)]
+        hosts = [h.strip() for h in params.get("host", "").split(",")]
+        addresses = [a.strip() for a in params.get("hostaddr", "").split(",")]
+        # Where libpq connects: hostaddr when given (host then only names the certificate).
+        reached = [
+            (addresses[i] if i < len(addresses) and addresses[i] else host)
+            for i, host in enumerate(hosts if len(hosts) >= len(addresses) else addresses)
+        ]
+        remote = [h for h in reached if h and not h.startswith("/") and not _is_loopback(h)]
         if remote and params.get("sslmode") not in ("require", "verify-ca", "verify-full"):
             problems.append(
                 f"DATABASE_URL reaches {', '.join(remote)} without TLS (add sslmode=verify-full"
@@ -1243,6 +1249,8 @@ class PostgresStore(SqlStore):
     def __init__(self, dsn: str, pool_size: int, timeout: float) -> None:
         self._dsn = dsn
         self._timeout = timeout
+        self._targets = dsn_targets(dsn)
+        self._first_target = 0  # the one that answered last: tried first next time
         self._idle: list[Any] = []
         self._slots = threading.BoundedSemaphore(pool_size)
         if gevent.monkey.is_module_patched("socket"):
@@ -1250,9 +1258,24 @@ class PostgresStore(SqlStore):
             psycopg2.extensions.set_wait_callback(_gevent_wait_callback(timeout))
 
     def _connect(self) -> Any:
-        conn = psycopg2.connect(self._dsn, connect_timeout=max(1, math.ceil(self._timeout)))
-        conn.autocommit = True
-        return conn
+        # A multi-host DATABASE_URL (host=a,b target_session_attrs=read-write) is tried one
+        # host at a time, each with its own timeout: under gevent a connect gives up after
+        # DB_TIMEOUT as a whole, and a hung first host would keep libpq from ever trying
+        # the second.
+        timeout = max(1, math.ceil(self._timeout))
+        order = self._targets[self._first_target :] + self._targets[: self._first_target]
+        failure: Exception | None = None
+        for target in order:
+            try:
+                conn = psycopg2.connect(self._dsn, connect_timeout=timeout, **target)
+            except psycopg2.OperationalError as exc:
+                failure = exc
+                continue
+            self._first_target = self._targets.index(target)
+            conn.autocommit = True
+            return conn
+        assert failure is not None
+        raise failure
 
     def _checkout(self) -> Any:
         while self._idle:
@@ -1280,7 +1303,8 @@ class PostgresStore(SqlStore):
                 raise ReferenceGone(exc.diag.constraint_name or str(exc)) from exc
             raise
         except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError) as exc:
-            raise StoreUnavailable(f"database: {str(exc).strip()}") from exc
+            # libpq's messages run over several lines (one per host tried): one line here.
+            raise StoreUnavailable(f"database: {' '.join(str(exc).split())}") from exc
         finally:
             if conn is not None:
                 reusable = (
@@ -1312,6 +1336,28 @@ class PostgresStore(SqlStore):
         while self._idle:
             with contextlib.suppress(Exception):
                 self._idle.pop().close()
+
+
+def dsn_targets(dsn: str) -> list[dict[str, str]]:
+    """The hosts of a DATABASE_URL one by one, as connect() overrides of host, port and
+    hostaddr; [{}] for a single host (the DSN as it is)."""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return [{}]
+    lists = {name: params.get(name, "").split(",") for name in ("host", "port", "hostaddr")}
+    count = max(len(values) for values in lists.values())
+    if count < 2:
+        return [{}]
+    targets = []
+    for index in range(count):
+        target = {}
+        for name, values in lists.items():
+            value = values[index] if len(values) == count else values[0]
+            if value:
+                target[name] = value
+        targets.append(target)
+    return targets
 
 
 def _gevent_wait_callback(timeout: float) -> Callable[[Any], None]:
@@ -2233,6 +2279,13 @@ class RedisSentinel(NamedTuple):
     password: str = ""
 
 
+class BlockingSentinelConnectionPool(
+    redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool
+):
+    """The primary's pool through Sentinel: waits for a free connection, as REDIS_URL's
+    does, instead of failing a burst with "Too many connections"."""
+
+
 def sentinel_master_client(
     url: str, pool_size: int, sentinel: RedisSentinel, options: dict[str, Any]
 ) -> redis.Redis:
@@ -2252,7 +2305,14 @@ def sentinel_master_client(
             "socket_connect_timeout": options["socket_connect_timeout"],
         },
     )
-    return watchers.master_for(sentinel.master, max_connections=pool_size, **target, **options)
+    return watchers.master_for(
+        sentinel.master,
+        connection_pool_class=BlockingSentinelConnectionPool,
+        max_connections=pool_size,
+        timeout=2 * options["socket_timeout"],  # as the REDIS_URL pool waits
+        **target,
+        **options,
+    )
 
 
 class RedisStore(KeyValueStore):
