@@ -1,4 +1,6 @@
-"""What run.py, soak.py and abuse.py share: processes, storage, HTTP calls, RSS, the provider.
+"""What run.py, soak.py and abuse.py share: the server (a compiled snapshot, its settings, its
+process), the storages, the fake provider, an HTTP client that repeats requests in a thread,
+RSS and CPU figures, the server log's findings, the machine, the options and the JSON file.
 
 Loopback only; every process started here is stopped by its PID (PostgreSQL by pg_ctl).
 """
@@ -7,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import json
 import os
 import platform
+import py_compile
 import re
 import resource
 import secrets
@@ -24,17 +28,19 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS_MARKER = "cloudchat-bench:claimed-by"
 RAISED_LIMIT = "1000000/60"
 RATE_VARIABLES = ("RATE_LOGIN_IP", "RATE_LOGIN_IDENTIFIER", "RATE_REGISTER_IP")
 RATE_VARIABLES += ("RATE_REGISTER_EMAIL", "RATE_CHAT_IP", "RATE_CHAT_VISITOR")
 PASSWORD = "bench-pass-1"
+TRACEBACK = "Traceback (most recent call last)"
+HARD_CAP = 100_000  # requests any one Repeater may send, whatever its duration
+Request = tuple[str, str, dict | None, int]  # method, path, JSON body, expected status
 
 
 # --- measuring processes ---------------------------------------------------------------
@@ -50,11 +56,10 @@ def rss_mb(pid: int) -> float:
 
 def settle(pid: int, limit: float = 3.0) -> float:
     """RSS once it stops changing for 200 ms (or after `limit` seconds)."""
-    deadline, last = time.monotonic() + limit, rss_mb(pid)
-    while time.monotonic() < deadline:
+    last = rss_mb(pid)
+    for _ in range(int(limit / 0.2)):
         time.sleep(0.2)
-        now = rss_mb(pid)
-        if abs(now - last) < 0.05:
+        if abs((now := rss_mb(pid)) - last) < 0.05:
             return now
         last = now
     return last
@@ -72,10 +77,8 @@ class RssSampler:
     """Samples a process's RSS every 50 ms in a thread; `peak` and `before` after the block."""
 
     def __init__(self, pid: int) -> None:
-        self.pid, self.before = pid, rss_mb(pid)
-        self.peak = self.before
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.pid, self.before, self._stop = pid, rss_mb(pid), threading.Event()
+        self.peak, self._thread = self.before, threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
@@ -93,10 +96,16 @@ class RssSampler:
 
 def percentile(values: list[float], pct: float) -> float | None:
     """Nearest-rank percentile (None for no values)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered), int(max(1, -(-len(ordered) * pct // 100)))) - 1]
+    ordered, rank = sorted(values), int(max(1, -(-len(values) * pct // 100)))
+    return ordered[min(len(ordered), rank) - 1] if values else None
+
+
+def ms(seconds: float | None) -> float | None:
+    """Seconds as milliseconds, to 10 us (None stays None)."""
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+# --- processes: the server, the fake provider, the storages ----------------------------
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 15.0) -> None:
@@ -123,26 +132,24 @@ class LoggedProcess:
 
     def __init__(
         self, argv: list[str], env: dict[str, str], log_path: Path, nofile: int | None = None,
-        timeout: float = 30.0, cwd: Path = ROOT,
+        cwd: Path = ROOT,
     ) -> None:  # fmt: skip
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.log_path, self._log = log_path, open(log_path, "wb")  # noqa: SIM115 (see stop())
 
-        def limit() -> None:
-            if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        def limit() -> None:  # in the child, before exec
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
         self.proc = subprocess.Popen(
             argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, preexec_fn=limit,
+            stderr=subprocess.STDOUT, preexec_fn=limit if nofile else None,
         )  # fmt: skip
         self.pid = self.proc.pid
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.alive():
-            match = re.search(r"listening on http://[^\s:]+:(\d+)", self.log_text())
-            if match:
+        for _ in range(600):  # 30 s
+            if match := re.search(r"listening on http://[^\s:]+:(\d+)", self.log_text()):
                 self.port = int(match.group(1))
                 return
+            if not self.alive():
+                break
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"{log_path.name} did not start:\n{self.log_text()[-2000:]}")
@@ -161,7 +168,66 @@ class LoggedProcess:
         self._log.close()
 
 
-# --- the fake provider and the server ----------------------------------------------------
+@dataclasses.dataclass
+class Code:
+    """The server module measured: a copy (schema.sql beside it) compiled to bytecode, so
+    that every run measures the same code while someone edits the file."""
+
+    path: str
+    copy: Path
+    sha256: str
+    git_head: str = "?"
+    cloudchat_py_modified: bool = False
+
+    def line(self) -> str:
+        """`server PATH sha256 X, git Y [+ local edits]`."""
+        edits = " + local edits" if self.cloudchat_py_modified else ""
+        return f"server {self.path} sha256 {self.sha256[:12]}, git {self.git_head[:12]}{edits}"
+
+
+def snapshot(server: Path, workdir: Path) -> Code:
+    """Copy and compile the server module (and schema.sql) into workdir/server."""
+    (workdir / "server").mkdir()
+    copy = workdir / "server" / server.name
+    shutil.copyfile(server, copy)
+    if (server.parent / "schema.sql").exists():
+        shutil.copyfile(server.parent / "schema.sql", copy.parent / "schema.sql")
+    py_compile.compile(str(copy), doraise=True)
+    code = Code(str(server), copy, hashlib.sha256(copy.read_bytes()).hexdigest())
+    git = ["git", "-C", str(ROOT)]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+        code.git_head = head.stdout.strip() or "?"
+        if server.resolve() == (ROOT / "cloudchat.py").resolve():
+            dirty = [*git, "status", "--porcelain", "--", "cloudchat.py"]
+            code.cloudchat_py_modified = bool(subprocess.run(dirty, capture_output=True).stdout)
+    return code
+
+
+def server_env(
+    storage: dict[str, str], provider_port: int | None = None, raise_limits: bool = True
+) -> dict[str, str]:
+    """The server's environment: production defaults but for the bench's own settings (the
+    fake provider; every RATE_* of RATE_VARIABLES raised unless `raise_limits` is False)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "PYTHONUNBUFFERED": "1",  # as deploy/systemd/cloudchat.service sets it
+        "PYTHONDONTWRITEBYTECODE": "1", "HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "INFO",
+        "SHUTDOWN_GRACE_SECONDS": "2",
+    }  # fmt: skip
+    if provider_port is not None:
+        env["DEEPSEEK_API_KEY"] = "bench"
+        env["DEEPSEEK_BASE_URL"] = f"http://127.0.0.1:{provider_port}"
+    return env | ({name: RAISED_LIMIT for name in RATE_VARIABLES} if raise_limits else {}) | storage
+
+
+def start_server(
+    code: Code, env: dict[str, str], log_path: Path, nofile: int | None = None
+) -> LoggedProcess:
+    """As deploy/systemd/cloudchat.service starts it: the module from its compiled bytecode
+    (compiling the source at every start costs about 5 MiB of RSS)."""
+    argv = [sys.executable, "-m", code.copy.stem]
+    return LoggedProcess(argv, env, log_path, nofile=nofile, cwd=code.copy.parent)
 
 
 def start_provider(workdir: Path) -> LoggedProcess:
@@ -172,262 +238,126 @@ def start_provider(workdir: Path) -> LoggedProcess:
 
 def provider_call(port: int, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
     """GET /stats or POST /control on the fake provider."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        status, data, _ = call(conn, method, path, body)
-    finally:
-        conn.close()
-    if status != 200:
-        raise RuntimeError(f"the provider answered {status}: {data!r}")
-    return json.loads(data)
+    answer = Client(port, timeout=5).exchange(method, path, body, keep=False)
+    if answer.status != 200:
+        raise RuntimeError(f"the provider answered {answer.outcome()}: {answer.body!r}")
+    return json.loads(answer.body)
 
 
-def server_env(storage: dict[str, str], provider_port: int) -> dict[str, str]:
-    """The server's environment: production defaults but for the bench's own settings."""
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "LANG": os.environ.get("LANG", "C.UTF-8"),
-        "PYTHONUNBUFFERED": "1",  # as deploy/systemd/cloudchat.service sets it
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "HOST": "127.0.0.1",
-        "PORT": "0",
-        "LOG_LEVEL": "INFO",
-        "SHUTDOWN_GRACE_SECONDS": "2",
-        "DEEPSEEK_API_KEY": "bench",
-        "DEEPSEEK_BASE_URL": f"http://127.0.0.1:{provider_port}",
-        **{name: RAISED_LIMIT for name in RATE_VARIABLES},
-        **storage,
-    }
+class Storage:
+    """Where a server keeps its data: a SQLite file, or (`postgres`) a private PostgreSQL
+    cluster with the server's tables; a private redis-server when `redis_options` is given.
+    `env` holds the server's storage settings; close() stops and removes them."""
 
+    def __init__(
+        self, workdir: Path, code: Code, postgres: bool = False,
+        redis_options: tuple[str, ...] | None = None, fsync: bool = True,
+    ) -> None:  # fmt: skip
+        self.redis: PrivateRedis | None = None
+        self.postgres: PrivatePostgres | None = None
+        self.env: dict[str, str] = {}
+        try:
+            if redis_options is not None:
+                self.redis = PrivateRedis(workdir, *redis_options)
+                self.env["REDIS_URL"] = f"redis://127.0.0.1:{self.redis.port}/0"
+            if not postgres:
+                self.env["CLOUDCHAT_DB_PATH"] = str(workdir / f"{secrets.token_hex(4)}.db")
+                return
+            self.postgres = PrivatePostgres(fsync)
+            url = f"postgresql://postgres@127.0.0.1:{self.postgres.port}/postgres"
+            self.env["DATABASE_URL"] = url
+            argv, env = [sys.executable, str(code.copy), "initdb"], server_env(self.env)
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
+        except BaseException:
+            self.close()
+            raise
 
-def snapshot(server: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
-    """A copy of the server module (and schema.sql beside it), so that every run measures the
-    same code while someone edits the file; (its path, which code it is)."""
-    folder = workdir / "server"
-    folder.mkdir()
-    copy = folder / server.name
-    shutil.copyfile(server, copy)
-    if (server.parent / "schema.sql").exists():
-        shutil.copyfile(server.parent / "schema.sql", folder / "schema.sql")
-    identity: dict[str, Any] = {"path": str(server), "sha256": hashlib.sha256(copy.read_bytes())}
-    identity["sha256"] = identity["sha256"].hexdigest()
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
-        identity["git_head"] = head.stdout.strip()
-        if server.resolve() == (ROOT / "cloudchat.py").resolve():
-            dirty = [*git, "status", "--porcelain", "--", "cloudchat.py"]
-            changed = subprocess.run(dirty, capture_output=True, text=True).stdout.strip()
-            identity["cloudchat_py_modified"] = bool(changed)
-    return copy, identity
-
-
-def identity_line(code: dict[str, Any]) -> str:
-    """`server PATH sha256 X, git Y [+ local edits]`."""
-    edits = " + local edits" if code.get("cloudchat_py_modified") else ""
-    git = code.get("git_head", "?")[:12]
-    return f"server {code['path']} sha256 {code['sha256'][:12]}, git {git}{edits}"
-
-
-def run_initdb(server_path: Path, storage: dict[str, str]) -> None:
-    """`python <server> initdb` against the given storage variables, or fail loudly."""
-    argv = [sys.executable, str(server_path), "initdb"]
-    done = subprocess.run(
-        argv, env=server_env(storage, 1), cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
-
-
-# --- storage -----------------------------------------------------------------------------
-
-
-class EmbeddedStorage:
-    """A temporary SQLite file per run; the in-process key-value store."""
-
-    name = "embedded"
-
-    def __init__(self, workdir: Path, server_path: Path) -> None:
-        self.workdir = workdir
-
-    def prepare(self, run: int) -> dict[str, str]:
-        """The storage variables of one run."""
-        return {"CLOUDCHAT_DB_PATH": str(self.workdir / f"run{run}.db")}
-
-    def cleanup_run(self) -> None:
-        """Nothing outside the work directory to remove."""
+    @classmethod
+    def of_setup(cls, setup: str, workdir: Path, code: Code, fsync: bool = True) -> Storage:
+        """Setup embedded: SQLite and the in-process store; postgres: PostgreSQL and Redis."""
+        if setup == "embedded":
+            return cls(workdir, code)
+        return cls(workdir, code, postgres=True, redis_options=(), fsync=fsync)
 
     def close(self) -> None:
-        """Nothing to release."""
-
-
-def admin_sql(statement: str) -> None:
-    """One statement on the local PostgreSQL's postgres database, autocommit."""
-    import psycopg2  # the server's own dependencies, present in its venv
-
-    conn = psycopg2.connect(PG_ADMIN_DSN, connect_timeout=5)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        conn.close()
-
-
-class SharedStorage:
-    """A throwaway database per run on 127.0.0.1:5432; a claimed DB of the Redis on 6379
-    (the first empty one from 15 down, marked) with a key prefix per run."""
-
-    name = "postgres"
-
-    def __init__(self, workdir: Path, server_path: Path) -> None:
-        import redis
-
-        self.server_path = server_path
-        self.tag = f"{os.getpid()}_{secrets.token_hex(3)}"
-        self.database = self.prefix = ""
-        self.redis_db, self._redis = 0, None
-        for number in range(15, 0, -1):
-            client = redis.Redis(host="127.0.0.1", port=6379, db=number, socket_timeout=3)
-            if client.dbsize() == 0 and client.set(REDIS_MARKER, self.tag, nx=True, ex=3600):
-                if client.dbsize() == 1:
-                    self.redis_db, self._redis = number, client
-                    break
-                client.delete(REDIS_MARKER)
-            client.close()
-        if self._redis is None:
-            raise RuntimeError("no empty Redis database among 1..15 to claim for the bench")
-
-    def prepare(self, run: int) -> dict[str, str]:
-        """Create the run's database and its tables; its storage variables."""
-        self.database = f"cc_bench_{self.tag}_{run}"
-        self.prefix = f"cc-bench-{self.tag}-{run}:"
-        admin_sql(f'CREATE DATABASE "{self.database}"')
-        storage = {
-            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{self.database}",
-            "REDIS_URL": f"redis://127.0.0.1:6379/{self.redis_db}",
-            "REDIS_KEY_PREFIX": self.prefix,
-        }
-        run_initdb(self.server_path, storage)
-        return storage
-
-    def cleanup_run(self) -> None:
-        """Drop the run's database and delete the run's Redis keys."""
-        if self.database:
-            admin_sql(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
-        if self.prefix and self._redis is not None:
-            keys = list(self._redis.scan_iter(match=self.prefix + "*", count=1000))
-            for start in range(0, len(keys), 500):
-                self._redis.delete(*keys[start : start + 500])
-        self.database = self.prefix = ""
-
-    def close(self) -> None:
-        """Give the claimed Redis database back."""
-        self.cleanup_run()
-        if self._redis is not None:
-            if self._redis.get(REDIS_MARKER) in (self.tag, self.tag.encode()):
-                self._redis.delete(REDIS_MARKER)
-            self._redis.close()
+        """Stop the private servers by their PID, delete the PostgreSQL cluster."""
+        if self.redis is not None:
+            self.redis.stop()
+        if self.postgres is not None:
+            self.postgres.remove()
 
 
 class PrivateRedis:
-    """A redis-server of our own on a free loopback port, nothing on disk."""
+    """A redis-server of our own on a free loopback port, nothing on disk, started."""
 
     def __init__(self, workdir: Path, *options: str) -> None:
-        if not shutil.which("redis-server"):
-            raise RuntimeError("redis-server is not installed")
-        self.port, self.workdir, self.options = free_port(), workdir, options
+        self.port, self.paused, self.proc = free_port(), False, None
+        self.address = ("127.0.0.1", self.port)
         self.log_path = workdir / f"redis-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-        self.paused = False
+        self.argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save"]
+        self.argv += ["", "--appendonly", "no", "--dir", str(workdir), *options]
         self.start()
-
-    def url(self) -> str:
-        """Its redis:// URL, database 0."""
-        return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> float:
         """Start it and wait until it answers PING; the seconds that took."""
         began = time.monotonic()
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "no", "--dir", str(self.workdir), *self.options]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C reaches us, and we stop it in order
             )  # fmt: skip
         while time.monotonic() < began + 10 and self.proc.poll() is None:
-            if self.answers():
-                return time.monotonic() - began
+            with contextlib.suppress(OSError), socket.create_connection(self.address, 1) as ping:
+                ping.sendall(b"PING\r\n")
+                if ping.recv(64).startswith(b"+PONG"):
+                    return time.monotonic() - began
             time.sleep(0.05)
-        raise RuntimeError(f"the private redis-server did not start: {self.log_tail()}")
+        raise RuntimeError(f"the private redis-server did not start: see {self.log_path}")
 
-    def answers(self) -> bool:
-        """True if it answers PING within a second."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def pause(self) -> None:
-        """SIGSTOP: connections are accepted by the kernel, nothing is answered."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGSTOP)
-            self.paused = True
-
-    def resume(self) -> None:
-        """SIGCONT."""
-        if self.proc is not None and self.paused:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)
-        self.paused = False
+    def pause(self, stop: bool = True) -> None:
+        """SIGSTOP (the kernel accepts connections, nothing answers); SIGCONT if not `stop`."""
+        if self.proc is not None and self.proc.poll() is None and self.paused != stop:
+            os.kill(self.proc.pid, signal.SIGSTOP if stop else signal.SIGCONT)
+            self.paused = stop
 
     def stop(self) -> float:
         """SIGTERM by its PID (SIGKILL after 10 s); the seconds that took."""
         began = time.monotonic()
-        self.resume()
+        self.pause(False)
         if self.proc is not None:
             stop_process(self.proc, 10)
         self.proc = None
         return time.monotonic() - began
 
-    def log_tail(self) -> str:
-        """The end of its log."""
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-1000:]
-        return ""
-
 
 class PrivatePostgres:
-    """A PostgreSQL cluster of our own (initdb + pg_ctl, fsync off) on a free loopback port.
+    """A PostgreSQL cluster of our own (initdb + pg_ctl) on a free loopback port, started.
 
     initdb refuses to run as root: as root, the cluster belongs to the `postgres` user
     and every pg_ctl runs through `runuser -u postgres --`.
     """
 
-    def __init__(self) -> None:
-        if not (shutil.which("pg_ctl") and shutil.which("initdb")):
-            raise RuntimeError("initdb / pg_ctl are not installed (setup postgres needs them)")
-        self.port = free_port()
+    def __init__(self, fsync: bool = True) -> None:
+        self.port, self.fsync = free_port(), "on" if fsync else "off"
         self.user = "postgres" if os.geteuid() == 0 else None
         # Its own folder, outside the (root-only) work folder: the user must reach it.
-        self.dir = Path(tempfile.mkdtemp(prefix="cc-soak-pg-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="cc-bench-pg-"))
         self.data, self.log_path = self.dir / "data", self.dir / "postgres.log"
         try:
             if self.user:
                 shutil.chown(self.dir, self.user)
             self._run(["initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-N"])
+            self.start()
         except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.remove()
             raise
 
-    def _run(self, args: list[str], timeout: float = 60) -> float:
-        began = time.monotonic()
-        prefix = ["runuser", "-u", self.user, "--"] if self.user else []
+    def _run(self, args: list[str]) -> float:
+        began, prefix = time.monotonic(), ["runuser", "-u", self.user, "--"] if self.user else []
         done = subprocess.run(
-            prefix + args, capture_output=True, text=True, timeout=timeout,
+            prefix + args, capture_output=True, text=True, timeout=60,
             start_new_session=True,  # the postmaster must not get the terminal's Ctrl-C
         )  # fmt: skip
         if done.returncode != 0:
@@ -436,26 +366,22 @@ class PrivatePostgres:
 
     def start(self) -> float:
         """Start the cluster and wait until it accepts connections; the seconds that took."""
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={self.fsync}"
+        )
         pg_ctl = ["pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-o", options]
-        return self._run([*pg_ctl, "-w", "-t", "30", "start"])
+        return self._run([*pg_ctl, "-w", "start"])
 
     def crash(self) -> float:
         """Stop it at once, as a crash or the OOM killer would; the seconds that took."""
         return self._run(["pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"])
 
-    def url(self) -> str:
-        """The connection URL of its postgres database."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
     def remove(self) -> None:
         """Stop it if it runs (fast shutdown, else SIGKILL to the postmaster's PID); delete."""
-        pid = None
         with contextlib.suppress(OSError, ValueError, IndexError):
             pid = int((self.data / "postmaster.pid").read_text().split()[0])
-        if pid is not None:
             try:
-                self._run(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop"])
+                self._run(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"])
             except (RuntimeError, subprocess.TimeoutExpired):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -463,31 +389,131 @@ class PrivatePostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-# --- HTTP --------------------------------------------------------------------------------
+# --- HTTP: a kept-alive client, one that repeats a request in a thread -------------------
+
+EXCEPTION_KINDS = (  # in this order: RemoteDisconnected is a ConnectionResetError
+    (TimeoutError, "timeout"),
+    (http.client.RemoteDisconnected, "closed_without_answer"),
+    (ConnectionRefusedError, "connection_refused"),
+    (ConnectionResetError, "connection_reset"),
+    (BrokenPipeError, "broken_pipe"),
+    (http.client.IncompleteRead, "incomplete_body"),
+)
 
 
-def call(
-    conn: http.client.HTTPConnection, method: str, path: str, body: dict | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, bytes, http.client.HTTPResponse]:  # fmt: skip
-    """One request on a kept-alive connection: status, body, response."""
-    data = json.dumps(body).encode() if body is not None else None
-    sent = {"Content-Type": "application/json"} if body is not None else {}
-    conn.request(method, path, data, {**sent, **(headers or {})})
-    response = conn.getresponse()
-    return response.status, response.read(), response
+def exception_outcome(exc: BaseException) -> str:
+    """The kind of a failure that left no HTTP status."""
+    return next((kind for t, kind in EXCEPTION_KINDS if isinstance(exc, t)), type(exc).__name__)
 
 
-def post(port: int, path: str, body: dict, expected: int) -> http.client.HTTPResponse:
+def error_outcome(status: int, body: bytes) -> str:
+    """'<status> <code>' from the JSON error envelope; for /auth/healthz, what is down."""
+    code = ""
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        parsed = json.loads(body)
+        if isinstance(parsed, dict) and isinstance(parsed.get("code"), str):
+            code = parsed["code"]
+        elif isinstance(parsed, dict) and "redis" in parsed and "db" in parsed:
+            down = [name for name in ("redis", "db") if parsed[name] is False]
+            code = "+".join(down) + "_down" if down else ""
+    return f"{status} {code}".strip()
+
+
+def cookie_value(response: http.client.HTTPResponse | None, name: str) -> str | None:
+    """The value a response's Set-Cookie headers give `name` (None when they do not)."""
+    for header in (response.msg.get_all("Set-Cookie") or ()) if response else ():
+        key, _, value = header.split(";", 1)[0].partition("=")
+        if key.strip() == name and value:
+            return value
+    return None
+
+
+@dataclasses.dataclass
+class Answer:
+    """A whole request as the client saw it."""
+
+    status: int  # 0 when no answer came
+    body: bytes
+    response: http.client.HTTPResponse | None
+    failure: str  # the kind of connection failure, "" for none
+    seconds: float = 0.0
+
+    def outcome(self, expected: int = 200) -> str:
+        """'ok' for the expected status, else the failure kind or '<status> <code>'."""
+        if self.status == expected:
+            return "ok"
+        return self.failure or error_outcome(self.status, self.body)
+
+
+class Client:
+    """A kept-alive connection to the server on 127.0.0.1, opened again after a failure.
+
+    A kept-alive connection the server closed while it idled fails before any answer; like
+    a browser, `send` tries once more on a fresh one, and calls `retried()`.
+    """
+
+    def __init__(self, port: int, timeout: float = 30.0, headers: dict | None = None) -> None:
+        self.port, self.timeout, self.headers = port, timeout, headers or {}
+        self.conn: http.client.HTTPConnection | None = None
+
+    def retried(self) -> None:
+        """Called when a request went again on a fresh connection."""
+
+    def drop(self) -> None:
+        """Close the connection (the next request opens another)."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def send(
+        self, method: str, path: str, body: dict | None = None, cookies: dict | None = None
+    ) -> http.client.HTTPResponse:
+        """Send a request and read the status line and headers."""
+        data = json.dumps(body).encode() if body is not None else None
+        headers = self.headers | ({"Content-Type": "application/json"} if data else {})
+        if cookie := "; ".join(f"{k}={v}" for k, v in (cookies or {}).items() if v):
+            headers["Cookie"] = cookie
+        for attempt in (1, 2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, self.timeout)
+            reused = self.conn.sock is not None
+            try:
+                self.conn.request(method, path, data, headers)
+                return self.conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.drop()
+                if not reused or attempt == 2:
+                    raise
+                self.retried()
+            except BaseException:
+                self.drop()
+                raise
+        raise AssertionError("unreachable")
+
+    def exchange(
+        self, method: str, path: str, body: dict | None = None, cookies: dict | None = None,
+        keep: bool = True,
+    ) -> Answer:  # fmt: skip
+        """One whole request; the connection stays open unless `keep` is False."""
+        began = time.monotonic()
+        try:
+            response = self.send(method, path, body, cookies)
+            answer = Answer(response.status, response.read(), response, "")
+        except (OSError, http.client.HTTPException) as exc:
+            self.drop()
+            answer = Answer(0, b"", None, exception_outcome(exc))
+        answer.seconds = time.monotonic() - began
+        if not keep:
+            self.drop()
+        return answer
+
+
+def post(port: int, path: str, body: dict, expected: int) -> Answer:
     """One POST on a connection of its own; fail loudly unless it answers `expected`."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        status, data, response = call(conn, "POST", path, body)
-    finally:
-        conn.close()
-    if status != expected:
-        raise RuntimeError(f"POST {path} answered {status}: {data[:200]!r}")
-    return response
+    answer = Client(port).exchange("POST", path, body, keep=False)
+    if answer.status != expected:
+        raise RuntimeError(f"POST {path} answered {answer.outcome()}: {answer.body[:200]!r}")
+    return answer
 
 
 def register_user(port: int, email: str) -> None:
@@ -497,25 +523,131 @@ def register_user(port: int, email: str) -> None:
 
 def login_cookie(port: int, email: str) -> str:
     """Log in; the `cc_auth=...` pair to send as the Cookie header."""
-    body = {"identifier": email, "password": PASSWORD}
-    return post(port, "/auth/login", body, 200).getheader("Set-Cookie", "").split(";", 1)[0]
+    answer = post(port, "/auth/login", {"identifier": email, "password": PASSWORD}, 200)
+    return f"cc_auth={cookie_value(answer.response, 'cc_auth')}"
 
 
-# --- reporting and the command line ------------------------------------------------------
+@dataclasses.dataclass
+class Tally:
+    """Requests of one or more Repeaters: rate of good ones, latencies (ms), failures."""
+
+    count: int
+    failures: int
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+
+
+class Repeater(Client):
+    """A thread on a kept-alive connection that sends request(n) for n = 0, 1, ... every
+    `every` s (as fast as it can with 0; a late request goes at once), for at most `limit`
+    s or until stopped; (start, outcome, seconds) per request in `samples`."""
+
+    def __init__(
+        self, port: int, request: Callable[[int], Request], every: float = 0.0,
+        limit: float = 120.0, timeout: float = 30.0,
+    ) -> None:  # fmt: skip
+        super().__init__(port, timeout)
+        self.request, self.every, self.limit = request, every, limit
+        self.samples: list[tuple[float, str, float]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def pause(self) -> None:
+        """Called before each request (the soak parks its probe here for its quiet points)."""
+
+    def _loop(self) -> None:
+        moment = began = time.monotonic()
+        for n in range(HARD_CAP):
+            if self.stopped.wait(max(0.0, moment - time.monotonic())):
+                break
+            if moment >= began + self.limit:
+                break
+            self.pause()
+            method, path, body, expected = self.request(n)
+            answer = self.exchange(method, path, body)
+            start = time.monotonic() - answer.seconds
+            self.samples.append((start, answer.outcome(expected), answer.seconds))
+            moment = max(moment + self.every, time.monotonic())
+        self.drop()
+
+    def __enter__(self) -> Repeater:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(60)
+
+    def slow(self, origin: float, over_ms: float = 50.0) -> list[tuple[float, float]]:
+        """(s after `origin`, latency ms) of every request slower than `over_ms`."""
+        slow = [(t, s * 1000) for t, _, s in self.samples if s * 1000 > over_ms]
+        return [(round(t - origin, 3), round(ms, 1)) for t, ms in slow]
+
+
+def health_probe(port: int, every: float = 0.05, limit: float = 120.0) -> Repeater:
+    """GET /auth/healthz every 50 ms on its own connection, on a fixed schedule."""
+    return Repeater(port, lambda _: ("GET", "/auth/healthz", None, 200), every, limit)
+
+
+def tally(
+    repeaters: list[Repeater], seconds: float, since: float = 0.0, until: float = float("inf"),
+    good_only: bool = False,
+) -> Tally:  # fmt: skip
+    """The samples begun in [since, until): count, failures, good ones per second over
+    `seconds`, latency percentiles (of the good ones with `good_only`)."""
+    samples = [s for r in repeaters for s in r.samples if since <= s[0] < until]
+    good = [s for _, outcome, s in samples if outcome == "ok"]
+    latencies = good if good_only else [s for _, _, s in samples]
+    return Tally(
+        len(samples), len(samples) - len(good), len(good) / max(seconds, 1e-9),
+        ms(percentile(latencies, 50)), ms(percentile(latencies, 99)),
+        ms(max(latencies, default=None)),
+    )  # fmt: skip
+
+
+# --- the server log, reporting, the command line ---------------------------------------
+
+
+@dataclasses.dataclass
+class LogFacts:
+    """What a server log says; `exit_code` and `shutdown_s` once the soak stopped it."""
+
+    lines: int
+    tracebacks: int
+    traceback_excerpts: list[str]  # the first three
+    error_lines: int
+    status_500_lines: int
+    status_5xx_by_route: dict[str, int]
+    complaints: dict[str, int]  # WARNING/ERROR/CRITICAL lines by kind
+    exit_code: int | None = None
+    shutdown_s: float = 0.0
+
+    @classmethod
+    def read(cls, text: str, top: int = 25) -> LogFacts:
+        """The complaints with ids, numbers and object addresses blanked out so that like
+        lines add up."""
+        lines = text.splitlines()
+        starts = [i for i, line in enumerate(lines) if TRACEBACK in line][:3]
+        requests = re.findall(r" cloudchat: ([A-Z]+) (\S+) (5\d\d) [\d.]+ms rid=", text)
+        statuses = Counter(" ".join(request) for request in requests)
+        complaints = Counter(
+            re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}|\d+(\.\d+)?", "#", re.sub("0x[0-9a-f]+", "0x", c))
+            for c in re.findall(r" (?:WARNING|ERROR|CRITICAL) (.*)", text)
+        )
+        return cls(
+            len(lines), text.count(TRACEBACK),
+            ["\n".join(lines[max(0, i - 1) : i + 25]) for i in starts],
+            len(re.findall(r" (?:ERROR|CRITICAL) ", text)),
+            sum(n for key, n in statuses.items() if key.endswith(" 500")),
+            dict(statuses.most_common()), dict(complaints.most_common(top)),
+        )  # fmt: skip
 
 
 def say(who: str, text: str) -> None:
     """Progress on stderr (tables go to stdout)."""
     print(f"[{who}] {text}", file=sys.stderr, flush=True)
-
-
-def complaint_kinds(log: str) -> Counter[str]:
-    """The server log's WARNING/ERROR/CRITICAL lines by kind: ids and numbers blanked out
-    so that like lines add up."""
-    return Counter(
-        re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}|\d+(\.\d+)?", "#", match)
-        for match in re.findall(r" (?:WARNING|ERROR|CRITICAL) (.*)", log)
-    )
 
 
 def text_table(rows: list[tuple[str, ...]], aligns: str, rule: bool = True) -> list[str]:
@@ -533,20 +665,43 @@ def text_table(rows: list[tuple[str, ...]], aligns: str, rule: bool = True) -> l
     return out
 
 
-def machine() -> dict[str, Any]:
+@dataclasses.dataclass
+class Machine:
     """What the figures were measured on."""
-    model = ""
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
-        model = found.group(1).strip() if found else ""
-    wrk_version = ""
-    if shutil.which("wrk"):
-        done = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=10)
-        wrk_version = (done.stdout + done.stderr).splitlines()[0] if done.stdout else ""
-    return {
-        "nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-        "kernel": platform.release(), "loadavg_at_start": os.getloadavg(), "wrk": wrk_version,
-    }  # fmt: skip
+
+    nproc: int
+    cpu_model: str
+    python: str
+    loadavg_at_start: tuple[float, float, float]
+    wrk: str
+
+    @classmethod
+    def now(cls) -> Machine:
+        """This machine, now."""
+        model = wrk = ""
+        with contextlib.suppress(OSError):
+            found = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+            model = found.group(1).strip() if found else ""
+        if shutil.which("wrk"):
+            done = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=10)
+            wrk = (done.stdout + done.stderr).splitlines()[0] if done.stdout else ""
+        return cls(os.cpu_count() or 1, model, platform.python_version(), os.getloadavg(), wrk)
+
+    def line(self) -> str:
+        """The end of the header line."""
+        load = self.loadavg_at_start[0]
+        machine = f"{self.nproc} x {self.cpu_model}, Python {self.python}"
+        return f"{machine}, load average at start {load:.2f}; MB = MiB"
+
+
+def common_options(parser: argparse.ArgumentParser, setup: str) -> None:
+    """--setup, --json, --env, --keep-logs, --server."""
+    add = parser.add_argument
+    add("--setup", choices=("embedded", "postgres"), default=setup)
+    add("--json", type=Path, help="where to write every figure (default: bench/results/)")
+    add("--env", action="append", default=[], metavar="NAME=VALUE", help="an extra setting")
+    add("--keep-logs", type=Path, help="copy the logs to this folder")
+    add("--server", type=Path, default=ROOT / "cloudchat.py", help="schema.sql beside it")
 
 
 def parse_env(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
@@ -558,3 +713,23 @@ def parse_env(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, st
             parser.error(f"--env {item!r} is not NAME=VALUE")
         extra[name] = value
     return extra
+
+
+def keep_log(folder: Path | None, source: Path, name: str) -> None:
+    """Copy a log into the --keep-logs folder, if there is one."""
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            shutil.copyfile(source, folder / name)
+
+
+def write_json(out: Path, record: dict[str, Any]) -> None:
+    """The JSON file (dataclasses as objects, paths as strings); says where it went."""
+
+    def plain(value: Any) -> Any:
+        is_record = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        return dataclasses.asdict(value) if is_record else str(value)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, default=plain))
+    print(f"figures written to {out}")

@@ -8,15 +8,12 @@
 (no cookie, so each is a new visitor) and reads the NDJSON answer; per stream it records
 when the connection was up, when the first line arrived and when the answer ended, all
 from the moment the wave started, plus the outcome: ok (a {"done": true} last line),
-over_capacity (the quick 503), error_line, http_<status>[:<code>], reset, closed_early,
-timeout.
+over_capacity (the quick 503), error_line, bad_last_line, http_<status>[:<code>], reset,
+closed_early, timeout. `get`: keeps `connections` keep-alive connections busy with the same
+GET for `duration` seconds (wrk's job, for machines without wrk).
 
-`get`: keeps `connections` keep-alive connections busy with the same GET for `duration`
-seconds (wrk's job, for machines without wrk) and reports requests, latencies and errors.
-
-One process, one thread, epoll: it reads whole socket buffers at a time and decodes chunked
-bodies without copying lines around, so at 500 streams x 50 lines/s it stays far from a
-core. Prints one JSON object on stdout. Loopback use only; every loop ends by `timeout`.
+One process, one thread, epoll, whole socket buffers at a time: at 500 streams x 50 lines/s
+it stays far from a core. Prints one JSON object; loopback only; every loop ends by time.
 """
 
 from __future__ import annotations
@@ -24,137 +21,123 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import re
 import selectors
 import socket
 import sys
 import time
 from typing import Any
 
-RECV_BYTES = 65536
+LENGTH_RE = re.compile(rb"\r\ncontent-length: *(\d+)")
 
 
 class Exchange:
-    """One connection and the response being read on it."""
+    """One connection and the response being read on it (kept whole: they are small)."""
 
-    def __init__(self, number: int, request: bytes, started: float) -> None:
-        self.number, self.request = number, request
+    def __init__(self, request: bytes, started: float) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.started = started  # of the wave (chat) or of this request (get)
+        self.request, self.started = request, started  # of the wave (chat) or request (get)
         self.connected_at: float | None = None
         self.first_line_at: float | None = None
         self.done_at: float | None = None
-        self.outcome, self.status, self.lines, self.keep_alive, self._outbox = "", 0, 0, True, b""
-        self.reset_response()
+        self.outbox, self.data, self.outcome, self.head = b"", b"", "", b""
 
-    def reset_response(self) -> None:
-        """Forget the previous response: the next one starts with a status line."""
-        self._buffer, self._head_done, self._chunked = b"", False, False
-        self._length: int | None = None
-        self._chunk_left = 0  # bytes of chunk data still to come in the current chunk
-        self._chunk_state = "size"  # size | data | crlf | trailer
-        self.body = bytearray()
+    def start(self, selector: selectors.BaseSelector, port: int) -> None:
+        """Begin connecting."""
+        if (code := self.sock.connect_ex(("127.0.0.1", port))) not in (0, errno.EINPROGRESS):
+            raise OSError(code, "connect failed")
+        selector.register(self.sock, selectors.EVENT_WRITE, self)
 
-    def send_request(self) -> None:
-        """Queue the request; whatever the socket takes now is sent."""
-        self._outbox = self.request
-        self.flush()
+    def step(self, selector: selectors.BaseSelector, events: int, now: float) -> bool:
+        """Go on with whatever the socket allows; True once the response is complete or the
+        server closed the connection."""
+        if events & selectors.EVENT_WRITE:
+            if self.connected_at is None:
+                if error := self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    raise OSError(error, "connect failed")
+                self.connected_at, self.outbox = now, self.request
+            if self.send():
+                selector.modify(self.sock, selectors.EVENT_READ, self)
+            return False
+        if not (data := self.sock.recv(65536)):
+            return True
+        self.data += data
+        if self.first_line_at is None and b"}\n" in self.data[-len(data) - 1 :]:
+            self.first_line_at = now  # an NDJSON line ends (never in the head or chunk sizes)
+        return self.complete()
 
-    def flush(self) -> bool:
-        """Send what is pending; True when nothing is left."""
-        while self._outbox:
+    def send(self) -> bool:
+        """Send what the socket takes of the request; True when all of it went."""
+        while self.outbox:
             try:
-                sent = self.sock.send(self._outbox)
+                self.outbox = self.outbox[self.sock.send(self.outbox) :]
             except BlockingIOError:
                 return False
-            self._outbox = self._outbox[sent:]
         return True
 
-    def feed(self, data: bytes, now: float) -> bool:
-        """Take bytes of the response; True once it is complete."""
-        if not self._head_done:
-            self._buffer += data
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return False
-            head, data = self._buffer[:end].decode("latin-1"), self._buffer[end + 4 :]
-            self._buffer, self._head_done = b"", True
-            lines = head.split("\r\n")
-            self.status = int(lines[0].split(" ", 2)[1])
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                name, value = name.strip().lower(), value.strip().lower()
-                if name == "content-length":
-                    self._length = int(value)
-                elif name == "transfer-encoding" and "chunked" in value:
-                    self._chunked = True
-                elif name == "connection" and value == "close":
-                    self.keep_alive = False
-        if self._chunked:
-            return self._feed_chunked(data, now)
-        self._take_body(data, now)
-        return self._length is not None and len(self.body) >= self._length
+    def complete(self) -> bool:
+        """Whether `data` holds a whole response (Content-Length or chunked)."""
+        if not self.head and (end := self.data.find(b"\r\n\r\n")) >= 0:
+            self.head = self.data[: end + 4].lower()
+        if not self.head:
+            return False
+        if b"\r\ntransfer-encoding: chunked" in self.head:
+            return self.data.endswith(b"\r\n0\r\n\r\n")
+        length = LENGTH_RE.search(self.head)
+        return length is not None and len(self.data) >= len(self.head) + int(length.group(1))
 
-    def _take_body(self, data: bytes, now: float) -> None:
-        if data:
-            if self.first_line_at is None and b"\n" in data:
-                self.first_line_at = now
-            self.body += data
+    def status(self) -> int:
+        """The response's status, 0 before its head came."""
+        return int(self.head[9:12]) if self.head[9:12].isdigit() else 0
 
-    def _feed_chunked(self, data: bytes, now: float) -> bool:
-        buffer = self._buffer + data if self._buffer else data
-        self._buffer = b""
-        pos = 0
-        while pos < len(buffer):
-            if self._chunk_state == "data":
-                take = min(self._chunk_left, len(buffer) - pos)
-                self._take_body(buffer[pos : pos + take], now)
-                pos, self._chunk_left = pos + take, self._chunk_left - take
-                if self._chunk_left == 0:
-                    self._chunk_state = "crlf"
-                continue
-            end = buffer.find(b"\r\n", pos)
-            if end < 0:
-                self._buffer = buffer[pos:]
-                return False
-            line, pos = buffer[pos:end], end + 2
-            if self._chunk_state == "crlf":
-                self._chunk_state = "size"
-            elif self._chunk_state == "size":
-                self._chunk_left = int(line.split(b";", 1)[0], 16)
-                self._chunk_state = "data" if self._chunk_left else "trailer"
-            elif not line:  # the empty line that ends the trailer: response complete
-                return True
-        return False
+    def body(self) -> bytes:
+        """The body so far, chunks joined."""
+        rest = self.data[len(self.head) :]
+        if b"\r\ntransfer-encoding: chunked" not in self.head:
+            return rest
+        body, pos = b"", 0
+        while (end := rest.find(b"\r\n", pos)) > pos:
+            size = int(rest[pos:end].split(b";")[0], 16)
+            body, pos = body + rest[end + 2 : end + 2 + size], end + 4 + size
+        return body
 
-    def last_line(self) -> dict[str, Any]:
-        """The body's last NDJSON line, parsed ({} if there is none or it is not JSON)."""
-        lines = bytes(self.body).strip().split(b"\n")
-        self.lines = len([line for line in lines if line])
-        try:
-            value = json.loads(lines[-1]) if lines and lines[-1] else {}
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
+    def report(self) -> dict[str, Any]:
+        """Timings (s from the wave's start), status and outcome of a chat stream."""
+        times = {"connect_s": self.connected_at, "first_line_s": self.first_line_at}
+        times["done_s"] = self.done_at
+        since = {k: None if at is None else round(at - self.started, 6) for k, at in times.items()}
+        return {**since, "status": self.status(), "outcome": self.outcome}
+
+    def close(self, selector: selectors.BaseSelector) -> None:
+        """Forget the connection."""
+        selector.unregister(self.sock)
+        self.sock.close()
 
 
-def _start_connect(selector: selectors.BaseSelector, ex: Exchange, port: int) -> None:
-    code = ex.sock.connect_ex(("127.0.0.1", port))
-    if code not in (0, errno.EINPROGRESS):
-        raise OSError(code, "connect failed")
-    selector.register(ex.sock, selectors.EVENT_WRITE, ex)
+def errno_name(exc: OSError) -> str:
+    """ECONNREFUSED and the like."""
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
-def _on_writable(selector: selectors.BaseSelector, ex: Exchange, now: float) -> None:
-    if ex.connected_at is None:
-        error = ex.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
-            raise OSError(error, "connect failed")
-        ex.connected_at = now
-        ex.send_request()
-    if ex.flush():
-        selector.modify(ex.sock, selectors.EVENT_READ, ex)
+def chat_outcome(ex: Exchange) -> str:
+    """What a finished (or closed) chat exchange amounted to."""
+    lines = [line for line in ex.body().split(b"\n") if line.strip()]
+    try:
+        last = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        last = {}
+    last, status = last if isinstance(last, dict) else {}, ex.status()
+    if status == 503 and last.get("code") == "over_capacity":
+        return "over_capacity"
+    if status not in (0, 200):
+        return f"http_{status}:{last['code']}" if last.get("code") else f"http_{status}"
+    if not ex.complete():
+        return "closed_early"
+    if last.get("done") is True:
+        return "ok"
+    return "error_line" if "error" in last else "bad_last_line"
 
 
 def run_chat(port: int, streams: int, message: str, timeout: float) -> dict[str, Any]:
@@ -165,65 +148,33 @@ def run_chat(port: int, streams: int, message: str, timeout: float) -> dict[str,
         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
     )
     selector, started = selectors.DefaultSelector(), time.monotonic()
-    exchanges = [Exchange(number, request, started) for number in range(streams)]
+    exchanges = [Exchange(request, started) for _ in range(streams)]
     pending = set()
     for ex in exchanges:
         try:
-            _start_connect(selector, ex, port)
+            ex.start(selector, port)
             pending.add(ex)
         except OSError as exc:
-            ex.outcome = f"connect_error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+            ex.outcome = f"connect_error:{errno_name(exc)}"
             ex.sock.close()
-    deadline = started + timeout
-    while pending and time.monotonic() < deadline:
+    while pending and time.monotonic() < started + timeout:
         for key, events in selector.select(timeout=0.5):
-            ex = key.data
-            now = time.monotonic()
+            ex, now = key.data, time.monotonic()
             try:
-                if events & selectors.EVENT_WRITE:
-                    _on_writable(selector, ex, now)
+                if not ex.step(selector, events, now):
                     continue
-                data = ex.sock.recv(RECV_BYTES)
-                if data and not ex.feed(data, now):
-                    continue
-                ex.done_at = now
-                ex.outcome = _chat_outcome(ex, complete=bool(data))
+                ex.done_at, ex.outcome = now, chat_outcome(ex)
             except ConnectionResetError:
                 ex.outcome = "reset"
             except OSError as exc:
-                ex.outcome = f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
-            selector.unregister(ex.sock)
-            ex.sock.close()
+                ex.outcome = f"error:{errno_name(exc)}"
+            ex.close(selector)
             pending.discard(ex)
     for ex in pending:
         ex.outcome = "timeout"
-        selector.unregister(ex.sock)
-        ex.sock.close()
+        ex.close(selector)
     selector.close()
-    streams = []
-    for ex in exchanges:
-        times = (_since(at, started) for at in (ex.connected_at, ex.first_line_at, ex.done_at))
-        stream = dict(zip(("connect_s", "first_line_s", "done_s"), times, strict=True))
-        streams.append({**stream, "status": ex.status, "lines": ex.lines, "outcome": ex.outcome})
-    return {"streams": streams, "wall_s": time.monotonic() - started}
-
-
-def _chat_outcome(ex: Exchange, complete: bool) -> str:
-    """What a finished (or closed) chat exchange amounted to."""
-    last = ex.last_line()
-    if ex.status == 503 and last.get("code") == "over_capacity":
-        return "over_capacity"
-    if ex.status != 200 and ex.status:
-        return f"http_{ex.status}:{last['code']}" if last.get("code") else f"http_{ex.status}"
-    if not complete:
-        return "closed_early"
-    if last.get("done") is True:
-        return "ok"
-    return "error_line" if "error" in last else "bad_last_line"
-
-
-def _since(moment: float | None, start: float) -> float | None:
-    return None if moment is None else round(moment - start, 6)
+    return {"streams": [ex.report() for ex in exchanges], "wall_s": time.monotonic() - started}
 
 
 def run_get(
@@ -237,71 +188,52 @@ def run_get(
     errors = {"connect": 0, "read": 0, "status": 0}
     live: set[Exchange] = set()
 
-    def open_one(number: int) -> None:
-        ex = Exchange(number, request, time.monotonic())
+    def open_one() -> None:
+        ex = Exchange(request, time.monotonic())
         try:
-            _start_connect(selector, ex, port)
+            ex.start(selector, port)
             live.add(ex)
         except OSError:
             errors["connect"] += 1
             ex.sock.close()
 
-    for number in range(connections):
-        open_one(number)
+    for _ in range(connections):
+        open_one()
     while live and time.monotonic() < stop_at + 5:
         for key, events in selector.select(timeout=0.5):
-            ex = key.data
-            now = time.monotonic()
+            ex, now = key.data, time.monotonic()
             try:
-                if events & selectors.EVENT_WRITE:
-                    _on_writable(selector, ex, now)
+                if not ex.step(selector, events, now):
                     continue
-                data = ex.sock.recv(RECV_BYTES)
-                if not data:
-                    raise ConnectionResetError
-                if not ex.feed(data, now):
+                if not ex.complete():
+                    raise ConnectionResetError("closed before the whole response")
+                latencies.append(now - ex.started)
+                errors["status"] += not 200 <= ex.status() < 400
+                if now < stop_at and b"\r\nconnection: close" not in ex.head:
+                    ex.data, ex.head, ex.started, ex.outbox = b"", b"", now, ex.request
+                    ex.send()  # small: the socket takes it at once
                     continue
             except OSError:
                 errors["read" if ex.connected_at else "connect"] += 1
-                selector.unregister(ex.sock)
-                ex.sock.close()
-                live.discard(ex)
-                if now < stop_at:
-                    open_one(ex.number)
-                continue
-            latencies.append(now - ex.started)
-            if not 200 <= ex.status < 400:
-                errors["status"] += 1
-            if now >= stop_at or not ex.keep_alive:
-                selector.unregister(ex.sock)
-                ex.sock.close()
-                live.discard(ex)
-                if now < stop_at:
-                    open_one(ex.number)
-                continue
-            ex.reset_response()
-            ex.started = now
-            ex.send_request()
+            ex.close(selector)
+            live.discard(ex)
+            if now < stop_at:
+                open_one()
     for ex in live:
-        selector.unregister(ex.sock)
-        ex.sock.close()
+        ex.close(selector)
     selector.close()
     elapsed = min(time.monotonic(), stop_at) - started
     latencies.sort()
+
+    def ms(pct: float) -> float:
+        rank = int(max(1, -(-len(latencies) * pct // 100)))
+        return latencies[min(len(latencies), rank) - 1] * 1000 if latencies else 0.0
+
     return {
         "requests": len(latencies), "duration_s": elapsed,
         "rps": len(latencies) / elapsed if elapsed > 0 else 0.0,
-        **{f"p{pct}_ms": _percentile(latencies, pct) * 1000 for pct in (50, 90, 99)},
-        "max_ms": (latencies[-1] if latencies else 0.0) * 1000, "errors": errors,
+        **{f"p{pct}_ms": ms(pct) for pct in (50, 90, 99)}, "max_ms": ms(100), "errors": errors,
     }  # fmt: skip
-
-
-def _percentile(ordered: list[float], pct: float) -> float:
-    """Nearest-rank percentile of sorted values (0 for none)."""
-    if not ordered:
-        return 0.0
-    rank = max(1, -(-len(ordered) * pct // 100))
-    return ordered[min(len(ordered), int(rank)) - 1]
 
 
 def main() -> int:
@@ -324,8 +256,7 @@ def main() -> int:
         result = run_chat(args.port, args.streams, args.message, args.timeout)
     else:
         result = run_get(args.port, args.path, args.header, args.connections, args.duration)
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+    print(json.dumps(result))
     return 0
 
 

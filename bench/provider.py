@@ -57,12 +57,9 @@ class BenchProvider(FakeProvider):
     def stats(self) -> dict[str, Any]:
         """The counters, the asking connection excluded from `open`."""
         return {
-            "open": self.open_connections() - 1,
-            "accepted": self.accepted_connections(),
-            "requests": self.requests_seen,
-            "mode": self.mode,
-            "misbehaved": self.misbehaved,
-        }
+            "open": self.open_connections() - 1, "accepted": self.accepted_connections(),
+            "requests": self.requests_seen, "mode": self.mode, "misbehaved": self.misbehaved,
+        }  # fmt: skip
 
     def _answer(self, conn: Connection, request: Recorded, reply: Reply) -> bool:
         self.requests_seen += 1

@@ -5,12 +5,9 @@
                                    [--seed 1] [--env NAME=VALUE] [--keep-logs DIR]
 
 Not part of CI: ten minutes by default (`--minutes 1` for a quick check). bench/README.md
-("Soak") says what it starts (a private redis-server and PostgreSQL cluster for setup
-postgres, bench/provider.py, a snapshot of the server), the traffic and its weights, the
-faults, the quiet point at the end of every minute, the growth verdict and the flags.
-Loopback only; every loop is bounded in count and time; every process started here is
-stopped by its PID (PostgreSQL by `pg_ctl`); the temporary folders, the cluster and the
-Redis data go at the end, even after Ctrl-C.
+("Soak") says what it starts, the traffic and its weights, the faults, the quiet point at the
+end of every minute, the growth verdict and the flags. Loopback only; every loop is bounded;
+every process started here is stopped by its PID, even after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -37,244 +33,191 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import harness  # bench/ is sys.path[0] when this file runs as a script
+import harness as h  # bench/ is sys.path[0] when this file runs as a script
 
 MINUTE, FAULT_AT, QUIET_AT = 60.0, 15.0, 57.0  # the fault and the quiet point: s into a minute
 CLIENT_TIMEOUT = 5.0  # no byte for this long: the request counts as a timeout
 GRACE = 10.0  # errors up to this long after the healing still belong to the fault
-MONITOR_EVERY = 0.5
 SLOW_CLIENTS = 200
-RSS_LIMIT_MB, GREENLET_TOLERANCE, FD_TOLERANCE = 3.0, 5, 8
 RSS_SLOPE_LIMIT = 0.25  # MB per minute over the second half of the run: a steady climb
 UPSTREAM_IDLE = 4  # the server keeps this many idle provider connections for reuse
 MAX_ACTIONS_PER_SECOND = 200  # per worker: the hard cap on any worker's loop
-GROWTH = (  # quiet-point figure, its limit, its label
-    ("rss_mb", RSS_LIMIT_MB, "RSS (MB)"),
-    ("greenlets", GREENLET_TOLERANCE, "greenlets"),
-    ("open_fds", FD_TOLERANCE, "open fds"),
-)
+GROWTH = (("rss_mb", 3.0, "RSS (MB)"), ("greenlets", 5, "greenlets"), ("open_fds", 8, "open fds"))
 WEIGHTS = dict(me=34, healthz=8, login=8, chat=24, chat_abort=4, reset_chat=6, password=4)
 WEIGHTS["me_revoked"] = 4
 ENDPOINTS = "healthz me me_revoked login chat chat_abort reset_chat forgot reset".split()
 STATS_RE = re.compile(r"stats connections=(\d+) greenlets=(\d+) open_fds=(\d+) rss_kib=(\d+)\n")
-REQUEST_LINE_RE = re.compile(r" cloudchat: ([A-Z]+) (\S+) (\d{3}) [\d.]+ms rid=")
-TRACEBACK = "Traceback (most recent call last)"
 
 
 def say(text: str) -> None:
     """Progress on stderr (the minute reports and the table go to stdout)."""
-    harness.say("soak", text)
+    h.say("soak", text)
 
 
-def sleep_until(moment: float, stop: threading.Event | None = None) -> None:
-    """Sleep until time.monotonic() reaches `moment` (or `stop` is set)."""
-    delay = moment - time.monotonic()
-    if delay > 0:
-        stop.wait(delay) if stop is not None else time.sleep(delay)
+def sleep_until(moment: float) -> None:
+    """Sleep until time.monotonic() reaches `moment`."""
+    time.sleep(max(0.0, moment - time.monotonic()))
 
 
-def ms(seconds: float | None) -> float | None:
-    """Seconds as milliseconds, rounded."""
-    return None if seconds is None else round(seconds * 1000, 1)
+# --- What it measures ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stats:
+    """The `stats` line the server logs on SIGUSR1."""
+
+    connections: int
+    greenlets: int
+    open_fds: int
+    rss_kib: int
+
+
+@dataclasses.dataclass
+class Quiet:
+    """The server at a quiet point: every client parked, its connections closed."""
+
+    all_parked: bool
+    rss_mb: float
+    stats: Stats | None
+    upstream_open: int | None  # the provider's open connections
+
+    def figure(self, key: str) -> float | None:
+        """rss_mb, greenlets or open_fds."""
+        return self.rss_mb if key == "rss_mb" else getattr(self.stats, key, None)
+
+    def describe(self) -> str:
+        """The figures in one phrase."""
+        text = f"RSS {self.rss_mb:.1f} MB"
+        if s := self.stats:
+            text += f", greenlets {s.greenlets}, open fds {s.open_fds}, connections {s.connections}"
+        else:
+            text += ", no answer to SIGUSR1"
+        if self.upstream_open is not None:
+            text += f", upstream connections open {self.upstream_open}"
+        return text
+
+
+@dataclasses.dataclass
+class Fault:
+    """A minute's fault: injected and healed at (s since the traffic began), its notes."""
+
+    name: str
+    injected_at: float | None = None
+    healed_at: float = 0.0
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    under_fault: Stats | None = None
+
+    def covers(self, at: float) -> bool:
+        """Whether a request begun at `at` falls into the fault window."""
+        return self.injected_at is not None and (
+            self.injected_at - CLIENT_TIMEOUT <= at <= self.healed_at + GRACE
+        )
+
+
+@dataclasses.dataclass
+class Minute:
+    """What one minute measured; `endpoints` and `probe` as in the JSON file."""
+
+    minute: int
+    fault: Fault
+    requests: int
+    ok: int
+    errors_by_kind: dict[str, int]
+    outside_by_kind: dict[str, int]  # errors outside the fault window, by endpoint and kind
+    status_500: int
+    ended_session_accepted: int
+    keepalive_retries: int
+    endpoints: dict[str, dict[str, Any]]
+    quiet: Quiet
+    peak_rss_mb: float
+    probe: dict[str, Any]
+    last_error_after_heal_s: float | None
+
+    @property
+    def errors(self) -> int:
+        return self.requests - self.ok
+
+    @property
+    def outside(self) -> int:
+        return sum(self.outside_by_kind.values())
+
+
+@dataclasses.dataclass
+class Verdict:
+    """Growth between the early and the late quiet points, and every flag raised."""
+
+    baseline_minutes: list[int]
+    final_minutes: list[int]
+    indicative_only: bool
+    growth: dict[str, dict[str, Any] | None]  # per GROWTH key: baseline, final, growth, ok
+    rss_slope: dict[str, Any] | None
+    flags: list[str]
 
 
 # --- Clients: the workers, the health probe, the slow-header burst -----------------------
 
 
-@dataclasses.dataclass(slots=True)
-class Record:
-    """One request as the client saw it; `at` is seconds since the soak's traffic began."""
-
-    minute: int
-    endpoint: str
-    outcome: str  # "ok", "<status> <code>", or a connection failure kind
-    at: float
-    latency: float
-    first_line: float | None = None
-
-
-def error_outcome(status: int, body: bytes) -> str:
-    """'<status> <code>' from the JSON error envelope; for /auth/healthz, what is down."""
-    code = ""
-    with contextlib.suppress(ValueError, UnicodeDecodeError):
-        parsed = json.loads(body)
-        if isinstance(parsed, dict) and isinstance(parsed.get("code"), str):
-            code = parsed["code"]
-        elif isinstance(parsed, dict) and "redis" in parsed and "db" in parsed:
-            down = [name for name in ("redis", "db") if parsed[name] is False]
-            code = "+".join(down) + "_down" if down else ""
-    return f"{status} {code}".strip()
-
-
-def outcome_of(status: int, body: bytes, failure: str) -> str:
-    """'ok' for a 200, else the failure kind or '<status> <code>'."""
-    return "ok" if status == 200 else failure or error_outcome(status, body)
-
-
-EXCEPTION_KINDS = (  # in this order: RemoteDisconnected is a ConnectionResetError
-    (TimeoutError, "timeout"),
-    (http.client.RemoteDisconnected, "closed_without_answer"),
-    (ConnectionRefusedError, "connection_refused"),
-    (ConnectionResetError, "connection_reset"),
-    (BrokenPipeError, "broken_pipe"),
-    (http.client.IncompleteRead, "incomplete_body"),
-)
-
-
-def exception_outcome(exc: BaseException) -> str:
-    """The kind of a failure that left no HTTP status."""
-    return next((kind for t, kind in EXCEPTION_KINDS if isinstance(exc, t)), type(exc).__name__)
-
-
-def status_of(outcome: str) -> int:
-    """The HTTP status in an outcome label, 0 for none."""
-    head = outcome.split(" ", 1)[0]
-    return int(head) if head.isdigit() else 0
-
-
-def cookie_value(response: http.client.HTTPResponse | None, name: str) -> str | None:
-    """The value a response's Set-Cookie headers give `name` (None when they do not)."""
-    for header in (response.msg.get_all("Set-Cookie") or ()) if response else ():
-        key, _, value = header.split(";", 1)[0].partition("=")
-        if key.strip() == name and value:
-            return value
-    return None
-
-
-class Gate:
-    """Lets the clients run, or parks them (connections closed) for a quiet point."""
-
-    def __init__(self) -> None:
-        self.opened, self._cond, self.parked = threading.Event(), threading.Condition(), 0
-
-    def park(self, stop: threading.Event, deadline: float) -> None:
-        """Called by a client whose connection is closed: wait until the gate opens."""
-        with self._cond:
-            self.parked += 1
-            self._cond.notify_all()
-        while not self.opened.wait(0.5) and not stop.is_set() and time.monotonic() <= deadline:
-            pass
-        with self._cond:
-            self.parked -= 1
-
-    def close(self, parties: int, timeout: float) -> bool:
-        """Ask every client to finish its request and park; True when all `parties` did."""
-        self.opened.clear()
-        with self._cond:
-            return self._cond.wait_for(lambda: self.parked >= parties, timeout)
-
-
-class Client:
-    """A thread with one kept-alive connection to the server; stops at the soak's deadline."""
-
-    def __init__(self, soak: Soak, name: str) -> None:
-        self.soak, self.conn = soak, None
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-
-    def drop(self) -> None:
-        """Close the connection (the next request opens another)."""
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
-    def send(
-        self, method: str, path: str, body: dict | None, cookies: dict[str, str]
-    ) -> http.client.HTTPResponse:
-        """Send a request and read the status line and headers.
-
-        A kept-alive connection the server closed while it idled fails before any answer;
-        like a browser, try once more on a fresh one (counted as a keep-alive retry).
-        """
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        if cookie := "; ".join(f"{k}={v}" for k, v in cookies.items() if v):
-            headers["Cookie"] = cookie
-        for attempt in (1, 2):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(
-                    "127.0.0.1", self.soak.port, timeout=CLIENT_TIMEOUT
-                )
-            reused = self.conn.sock is not None
-            try:
-                self.conn.request(method, path, data, headers)
-                return self.conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self.drop()
-                if reused and attempt == 1:
-                    self.soak.count_retry()
-                    continue
-                raise
-            except BaseException:
-                self.drop()
-                raise
-        raise AssertionError("unreachable")
-
-    def exchange(
-        self, method: str, path: str, body: dict | None = None, cookies: dict | None = None
-    ) -> tuple[int, bytes, http.client.HTTPResponse | None, str]:
-        """One whole request: status (0 on failure), body, response, failure kind."""
-        try:
-            response = self.send(method, path, body, cookies or {})
-            return response.status, response.read(), response, ""
-        except (OSError, http.client.HTTPException) as exc:
-            self.drop()
-            return 0, b"", None, exception_outcome(exc)
-
-    def _loop(self) -> None:
-        soak = self.soak
-        count, cap = 0, int(soak.deadline - time.monotonic() + 1) * MAX_ACTIONS_PER_SECOND
-        while not soak.stop.is_set() and time.monotonic() < soak.deadline and count < cap:
-            if not soak.gate.opened.is_set():
-                self.drop()
-                soak.gate.park(soak.stop, soak.deadline)
-                continue
-            count += 1
-            try:
-                self.step()
-            except Exception as exc:  # a bug of the soak's own: say so, keep going
-                self.drop()
-                soak.client_bug(f"{type(exc).__name__}: {exc}")
-        self.drop()
-
-    def step(self) -> None:
-        """One action."""
-        raise NotImplementedError
-
-
-class Worker(Client):
-    """A visitor with an account: picks the next action at random, with fixed weights."""
+class Worker(h.Client):
+    """A visitor with an account and a kept-alive connection: in a thread each minute, picks
+    the next action at random, with fixed weights, until the minute's quiet point."""
 
     def __init__(self, soak: Soak, number: int, email: str) -> None:
-        super().__init__(soak, f"worker-{number}")
-        self.number, self.email, self.password = number, email, harness.PASSWORD
+        super().__init__(soak.port, CLIENT_TIMEOUT)
+        self.soak, self.number, self.email, self.password = soak, number, email, h.PASSWORD
         self.maybe_password: str | None = None  # set when a reset's answer was lost
         self.cookie: str | None = None  # cc_auth
         self.visitor: str | None = None  # cc_app
         self.revoked: list[str] = []  # sessions that ended: they must answer 401
         self.rng = random.Random(soak.args.seed * 1000 + number)
-        self.sequence = 0
+        self.sequence = self.minute = 0
+        self.thread: threading.Thread | None = None
+
+    def retried(self) -> None:
+        self.soak.retries.append(self.minute)
+
+    def start(self, minute: int, deadline: float) -> threading.Thread | None:
+        """A thread of actions until `deadline` (the minute's quiet point): its connection is
+        closed then. None while the previous minute's is still busy."""
+        if self.thread is not None and self.thread.is_alive():
+            return None
+        self.minute = minute
+        self.thread = threading.Thread(target=self.loop, args=(deadline,), daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def loop(self, deadline: float) -> None:
+        soak = self.soak
+        for _ in range(int(QUIET_AT * MAX_ACTIONS_PER_SECOND)):
+            if soak.stop.is_set() or time.monotonic() >= deadline:
+                break
+            self.sequence += 1
+            action = self.rng.choices(list(WEIGHTS), list(WEIGHTS.values()))[0]
+            if action in ("me", "me_revoked") and self.cookie is None:
+                action = "login"
+            try:
+                getattr(self, f"act_{action}")()
+            except Exception as exc:  # a bug of the soak's own: flagged, and keep going
+                self.drop()
+                if (text := f"{type(exc).__name__}: {exc}") not in soak.bugs:
+                    say(f"client error (a bug of the soak, not of the server?): {text}")
+                soak.bugs.append(text)
+        self.drop()
 
     def record(self, endpoint: str, outcome: str, began: float, first: float | None = None) -> None:
-        """Keep the result of one request."""
-        self.soak.record(endpoint, outcome, began, time.monotonic() - began, first)
-
-    def plain(self, endpoint: str, method: str, path: str, body: dict | None = None) -> int:
-        """A request whose only good answer is 200, recorded; its status."""
-        began = time.monotonic()
-        status, data, _, failure = self.exchange(method, path, body, self.cookies())
-        self.record(endpoint, outcome_of(status, data, failure), began)
-        return status
+        """Keep the result of one request: (endpoint, outcome, start, latency, first line)."""
+        item = (endpoint, outcome, began - self.soak.t0, time.monotonic() - began, first)
+        self.soak.records[self.minute].append(item)
 
     def cookies(self) -> dict[str, str]:
         """What a browser would send: the session and the chat visitor cookies."""
         return {"cc_auth": self.cookie or "", "cc_app": self.visitor or ""}
 
-    def step(self) -> None:
-        self.sequence += 1
-        action = self.rng.choices(list(WEIGHTS), list(WEIGHTS.values()))[0]
-        if action in ("me", "me_revoked") and self.cookie is None:
-            action = "login"
-        getattr(self, f"act_{action}")()
+    def plain(self, endpoint: str, method: str, path: str, body: dict | None = None) -> int:
+        """A request whose only good answer is 200, recorded; its status."""
+        began = time.monotonic()
+        answer = self.exchange(method, path, body, self.cookies())
+        self.record(endpoint, answer.outcome(), began)
+        return answer.status
 
     def act_healthz(self) -> None:
         self.plain("healthz", "GET", "/auth/healthz")
@@ -289,34 +232,28 @@ class Worker(Client):
     def act_me_revoked(self) -> None:
         if not self.revoked:
             return self.act_me()
-        ended, began = self.rng.choice(self.revoked), time.monotonic()
-        status, data, _, failure = self.exchange("GET", "/auth/me", cookies={"cc_auth": ended})
-        if status == 200:
-            outcome = "200 ended_session_accepted"
-        else:
-            outcome = "ok" if status == 401 else failure or error_outcome(status, data)
+        began, ended = time.monotonic(), {"cc_auth": self.rng.choice(self.revoked)}
+        answer = self.exchange("GET", "/auth/me", cookies=ended)
+        outcome = "200 ended_session_accepted" if answer.status == 200 else answer.outcome(401)
         self.record("me_revoked", outcome, began)
 
     def act_login(self) -> None:
         previous, began = self.cookie, time.monotonic()
         body = {"identifier": self.email, "password": self.password}
-        status, data, response, failure = self.exchange("POST", "/auth/login", body, self.cookies())
-        if status == 401 and self.maybe_password:
+        answer = self.exchange("POST", "/auth/login", body, self.cookies())
+        if answer.status == 401 and self.maybe_password:
             # A reset whose answer was lost may have changed the password after all.
             self.record("login", "401 invalid_credentials (reset answer lost)", began)
             self.password, self.maybe_password = self.maybe_password, None
             return self.act_login()
-        new = cookie_value(response, "cc_auth") if status == 200 else None
-        if status == 200 and new:
-            self.cookie, self.maybe_password, outcome = new, None, "ok"
+        new = h.cookie_value(answer.response, "cc_auth") if answer.status == 200 else None
+        if new:
+            self.cookie, self.maybe_password = new, None
             if previous:
                 self.remember_ended(previous)  # a login ends the session the browser sent
-        elif status == 200:
-            outcome = "200 no_cookie"
-        else:
-            outcome = failure or error_outcome(status, data)
-            if failure:
-                self.cookie = None  # the old session may have ended: do not count on it
+        elif answer.failure:
+            self.cookie = None  # the old session may have ended: do not count on it
+        outcome = "200 no_cookie" if answer.status == 200 and not new else answer.outcome()
         self.record("login", outcome, began)
 
     def remember_ended(self, cookie: str) -> None:
@@ -324,47 +261,38 @@ class Worker(Client):
         self.revoked = [*self.revoked[-7:], cookie]
 
     def act_password(self) -> None:
-        began = time.monotonic()
-        forgot = {"identifier": self.email}
-        status, data, _, failure = self.exchange("POST", "/auth/password/forgot", forgot)
-        token = None
-        if status == 200:
-            with contextlib.suppress(ValueError):
-                parsed = json.loads(data)
-                token = parsed.get("debug_token") if isinstance(parsed, dict) else None
-            outcome = "ok" if token else "200 no_token"
-        else:
-            outcome = failure or error_outcome(status, data)
+        began, token = time.monotonic(), None
+        answer = self.exchange("POST", "/auth/password/forgot", {"identifier": self.email})
+        if answer.status == 200:
+            with contextlib.suppress(ValueError, AttributeError):
+                token = json.loads(answer.body).get("debug_token")
+        outcome = "200 no_token" if answer.status == 200 and not token else answer.outcome()
         self.record("forgot", outcome, began)
         if not token:
             return
         new, began = f"soak-{self.soak.tag}-{self.number}-{self.sequence}!", time.monotonic()
-        body = {"token": token, "password": new}
-        status, data, _, failure = self.exchange("POST", "/auth/password/reset", body)
-        if status == 200:
+        answer = self.exchange("POST", "/auth/password/reset", {"token": token, "password": new})
+        if answer.status == 200:
             self.password, self.maybe_password = new, None
             if self.cookie:
                 self.remember_ended(self.cookie)  # the reset ends every session of the user
             self.cookie = None
-            self.record("reset", "ok", began)
-        else:
-            if failure:
-                self.maybe_password = new  # no answer: it may or may not have happened
-            self.record("reset", failure or error_outcome(status, data), began)
+        elif answer.failure:
+            self.maybe_password = new  # no answer: it may or may not have happened
+        self.record("reset", answer.outcome(), began)
 
     def act_chat(self, abort: bool = False) -> None:
         endpoint, first, last = "chat_abort" if abort else "chat", None, b""
-        self.sequence += 1
         body = {"message": f"soak {self.number}-{self.sequence}: tell me something"}
         began = time.monotonic()
         try:
             response = self.send("POST", "/deepseek_chat", body, self.cookies())
-            self.visitor = cookie_value(response, "cc_app") or self.visitor
+            self.visitor = h.cookie_value(response, "cc_app") or self.visitor
             if response.status != 200:
-                return self.record(endpoint, error_outcome(response.status, response.read()), began)
+                outcome = h.error_outcome(response.status, response.read())
+                return self.record(endpoint, outcome, began)
             for _ in range(100_000):  # a reply is 50 lines; bounded whatever comes
-                line = response.readline(1 << 20)
-                if not line:
+                if not (line := response.readline(1 << 20)):
                     break
                 if first is None:
                     first = time.monotonic() - began
@@ -374,14 +302,13 @@ class Worker(Client):
                 last = line
         except (OSError, http.client.HTTPException) as exc:
             self.drop()
-            return self.record(endpoint, exception_outcome(exc), began)
-        outcome = "200 stream_cut"
+            return self.record(endpoint, h.exception_outcome(exc), began)
+        final: Any = None
         with contextlib.suppress(ValueError):
             final = json.loads(last)
-            if isinstance(final, dict) and final.get("done") is True:
-                outcome = "ok"
-            elif isinstance(final, dict) and "error" in final:
-                outcome = "200 error_line"
+        outcome = "200 stream_cut"
+        if isinstance(final, dict) and (final.get("done") is True or "error" in final):
+            outcome = "ok" if final.get("done") is True else "200 error_line"
         if outcome != "ok":
             self.drop()
         self.record(endpoint, outcome, began, first)
@@ -390,103 +317,62 @@ class Worker(Client):
         self.act_chat(abort=True)
 
 
-class HealthMonitor(Client):
-    """GET /auth/healthz every 0.5 s: when a fault shows, when it is over, loop stalls."""
-
-    def __init__(self, soak: Soak) -> None:
-        super().__init__(soak, "healthz-monitor")
-        self.samples: list[tuple[int, float, str, float]] = []  # (minute, at, outcome, ms)
-        self._next = time.monotonic()
-
-    def step(self) -> None:
-        sleep_until(self._next, self.soak.stop)
-        self._next = max(self._next + MONITOR_EVERY, time.monotonic())
-        began = time.monotonic()
-        status, data, _, failure = self.exchange("GET", "/auth/healthz")
-        latency_ms = (time.monotonic() - began) * 1000
-        outcome = outcome_of(status, data, failure)
-        self.samples.append((self.soak.minute, began - self.soak.t0, outcome, latency_ms))
-
-
 class SlowHeaders:
-    """N connections that send a request line and then a header a byte a second."""
+    """N connections, each in a thread, that send a request line and then a header a byte
+    a second until the server ends the connection or the burst is stopped."""
 
-    def __init__(self, port: int, count: int, limit: float) -> None:
-        self.port, self.count, self.limit = port, count, limit
-        self.opened = self.connect_failures = self.left_open = 0
+    def __init__(self, port: int, count: int) -> None:
+        self.port, self.count, self.stopped = port, count, threading.Event()
         self.ends: list[tuple[float, str]] = []  # (seconds after its first byte, how)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="slow-headers", daemon=True)
-        self._thread.start()
+        self.failures: list[str] = []  # connect failures
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self) -> None:
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+            sock.sendall(b"GET /auth/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            sock.settimeout(1.0)
+        except OSError as exc:
+            return self.failures.append(type(exc).__name__)
+        began, how = time.monotonic(), ""
+        with sock:
+            for _ in range(120):  # a byte a second for at most two minutes
+                try:
+                    data = sock.recv(4096)
+                    how = data.split(b"\r\n", 1)[0].decode("latin-1")[:40] if data else "closed"
+                except TimeoutError:
+                    if self.stopped.is_set():
+                        return
+                    with contextlib.suppress(OSError):
+                        sock.send(b"a")
+                    continue
+                except OSError as exc:
+                    how = type(exc).__name__
+                return self.ends.append((time.monotonic() - began, how))
 
     def stop(self) -> dict[str, Any]:
         """Close what is still open; what happened."""
-        self._stop.set()
-        self._thread.join(30)
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(5)
         seconds = [s for s, _ in self.ends]
 
         def stat(f: Callable) -> float | None:
             return round(f(seconds), 2) if seconds else None
 
         return {
-            "clients": self.count, "opened": self.opened,
-            "connect_failures": self.connect_failures, "ended_by_server": len(self.ends),
+            "clients": self.count, "opened": self.count - len(self.failures),
+            "connect_failures": len(self.failures), "ended_by_server": len(self.ends),
             "how": dict(Counter(how for _, how in self.ends)),
             "ended_after_s_min": stat(min), "ended_after_s_median": stat(statistics.median),
-            "ended_after_s_max": stat(max), "still_open_at_heal": self.left_open,
+            "ended_after_s_max": stat(max),
+            "still_open_at_heal": self.count - len(self.failures) - len(self.ends),
         }  # fmt: skip
 
-    def _run(self) -> None:
-        began, open_ones = time.monotonic(), []
-        try:
-            for _ in range(self.count):
-                if self._stop.is_set():
-                    break
-                try:
-                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
-                    sock.sendall(b"GET /auth/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
-                    sock.setblocking(False)
-                    open_ones.append((sock, time.monotonic()))
-                    self.opened += 1
-                except OSError:
-                    self.connect_failures += 1
-            tick = 0
-            while not self._stop.wait(0.5) and time.monotonic() - began < self.limit + 30:
-                tick += 1
-                still = []
-                for sock, first_byte in open_ones:
-                    if how := self._poll(sock, send=tick % 2 == 0):
-                        self.ends.append((time.monotonic() - first_byte, how))
-                        sock.close()
-                    else:
-                        still.append((sock, first_byte))
-                open_ones = still
-        finally:
-            self.left_open = len(open_ones)
-            for sock, _ in open_ones:
-                sock.close()
 
-    @staticmethod
-    def _poll(sock: socket.socket, send: bool) -> str:
-        """'' while the server keeps waiting; how it ended the connection otherwise."""
-        try:
-            data = sock.recv(4096)
-            return data.split(b"\r\n", 1)[0].decode("latin-1")[:40] if data else "closed"
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            return type(exc).__name__
-        try:
-            if send:
-                sock.send(b"a")
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            return type(exc).__name__
-        return ""
-
-
-# --- Faults: what inject() breaks and heal() puts right, both filling in the minute's notes
+# --- Faults: what inject() breaks and heal() puts right, both filling in the notes --------
 
 FaultStep = Callable[["Soak", dict[str, Any]], Any]
 
@@ -496,26 +382,14 @@ def provider_fault(mode: str) -> tuple[FaultStep, FaultStep]:
 
     def inject(soak: Soak, notes: dict[str, Any]) -> None:
         notes["_before"] = soak.provider_stats().get("misbehaved", 0)
-        soak.provider_control(mode)
+        h.provider_call(soak.provider_port, "POST", "/control", {"mode": mode})
 
     def heal(soak: Soak, notes: dict[str, Any]) -> None:
-        before = notes.pop("_before", 0)
-        soak.provider_control("normal")
-        after = soak.provider_stats().get("misbehaved", 0)
-        notes["provider_requests_misbehaved"] = after - before
+        h.provider_call(soak.provider_port, "POST", "/control", {"mode": "normal"})
+        misbehaved = soak.provider_stats().get("misbehaved", 0) - notes.pop("_before", 0)
+        notes["provider_requests_misbehaved"] = misbehaved
 
     return inject, heal
-
-
-def burst_start(soak: Soak, notes: dict[str, Any]) -> None:
-    """SLOW_CLIENTS connections trickling their headers."""
-    notes["_burst"] = SlowHeaders(soak.port, SLOW_CLIENTS, soak.args.fault_seconds)
-
-
-def burst_stop(soak: Soak, notes: dict[str, Any]) -> None:
-    """Close the burst's connections; how the server ended the others."""
-    if (burst := notes.pop("_burst", None)) is not None:
-        notes.update(burst.stop())
 
 
 FAULTS: dict[str, tuple[FaultStep, FaultStep]] = {  # the order of the rotation
@@ -528,8 +402,11 @@ FAULTS: dict[str, tuple[FaultStep, FaultStep]] = {  # the order of the rotation
         lambda soak, notes: notes.update(start_s=round(soak.postgres.start(), 2)),
     ),
     "provider-hang": provider_fault("hang"),
-    "slow-headers": (burst_start, burst_stop),
-    "redis-hang": (lambda soak, _: soak.redis.pause(), lambda soak, _: soak.redis.resume()),
+    "slow-headers": (
+        lambda soak, notes: notes.update(_burst=SlowHeaders(soak.port, SLOW_CLIENTS)),
+        lambda soak, notes: notes.update(notes.pop("_burst").stop()),
+    ),
+    "redis-hang": (lambda soak, _: soak.redis.pause(), lambda soak, _: soak.redis.pause(False)),
     "provider-reset": provider_fault("reset"),
     "provider-500": provider_fault("error500"),
     "provider-slow": provider_fault("slow"),
@@ -546,172 +423,115 @@ ROTATION = {
 
 
 class Soak:
-    """Everything one soak run starts, measures and reports."""
+    """Everything one soak run starts, measures and reports; close() stops it all."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args, self.workdir = args, workdir
         self.tag = f"{os.getpid()}{random.Random(args.seed).randrange(1000):03d}"
-        self.stop, self.gate, self._lock = threading.Event(), Gate(), threading.Lock()
-        self.minute, self.port = 0, 0
-        self.t0 = self.deadline = time.monotonic()
-        self.records: list[Record] = []
-        self.retries: Counter[int] = Counter()
-        self.bugs: Counter[str] = Counter()
-        self.workdir = Path(tempfile.mkdtemp(prefix="cc-soak-"))
-        self.redis: harness.PrivateRedis | None = None
-        self.postgres: harness.PrivatePostgres | None = None
-        self.provider: harness.LoggedProcess | None = None
-        self.server: harness.LoggedProcess | None = None
-        self.clients: list[Client] = []
-        self.monitor: HealthMonitor | None = None
-        self.minutes: list[dict[str, Any]] = []
+        self.stop, self.t0 = threading.Event(), time.monotonic()
+        self.records: dict[int, list[tuple[str, str, float, float, float | None]]] = {}
+        self.retries: list[int] = []  # the minute of each keep-alive retry
+        self.bugs: list[str] = []  # the soak's own errors
+        self.probes: list[h.Repeater] = []  # the health probe of each minute
+        self.code = h.snapshot(args.server, workdir)
+        self.processes: list[h.LoggedProcess] = []
+        self.storage: h.Storage | None = None
+        self.minutes: list[Minute] = []
         self.flags: list[str] = []
-        self.env: dict[str, str] = {}
-        self.identity: dict[str, Any] = {}
-        self.start_sample: dict[str, Any] = {"rss_mb": 0.0, "stats": None}
+        self.start_sample = Quiet(False, 0.0, None, None)
 
-    # --- bookkeeping called from the client threads --------------------------------
+    @property
+    def redis(self) -> h.PrivateRedis:
+        assert self.storage is not None and self.storage.redis is not None
+        return self.storage.redis
 
-    def record(
-        self, endpoint: str, outcome: str, began: float, latency: float, first: float | None
-    ) -> None:
-        """Keep one request's result."""
-        item = Record(self.minute, endpoint, outcome, began - self.t0, latency, first)
-        with self._lock:
-            self.records.append(item)
-
-    def client_bug(self, text: str) -> None:
-        """A client action failed in the soak's own code (flagged, counted once per kind)."""
-        with self._lock:
-            self.bugs[text] += 1
-            first = self.bugs[text] == 1
-        if first:
-            say(f"client error (a bug of the soak, not of the server?): {text}")
-
-    def count_retry(self) -> None:
-        """A kept-alive connection was found closed and the request sent again."""
-        with self._lock:
-            self.retries[self.minute] += 1
-
-    # --- the processes --------------------------------------------------------------
-
-    def provider_control(self, mode: str) -> None:
-        """Switch the fake provider's mode (POST /control)."""
-        assert self.provider is not None
-        harness.provider_call(self.provider.port, "POST", "/control", {"mode": mode})
-
-    def provider_stats(self) -> dict[str, Any]:
-        """The provider's counters ({} when it does not answer)."""
-        assert self.provider is not None
-        try:
-            return harness.provider_call(self.provider.port, "GET", "/stats")
-        except (OSError, http.client.HTTPException, ValueError, RuntimeError):
-            return {}
-
-    def server_stats(self, wait: float = 5.0) -> dict[str, int] | None:
-        """SIGUSR1 and the `stats ...` line the server logs for it (None: no answer)."""
-        assert self.server is not None
-        path = self.server.log_path
-        offset = path.stat().st_size
-        try:
-            os.kill(self.server.pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            return None
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            with open(path, "rb") as log:
-                log.seek(offset)
-                match = STATS_RE.search(log.read().decode("utf-8", "replace"))
-            if match:
-                names = ("connections", "greenlets", "open_fds", "rss_kib")
-                return dict(zip(names, map(int, match.groups()), strict=True))
-            time.sleep(0.05)
-        return None
+    @property
+    def postgres(self) -> h.PrivatePostgres:
+        assert self.storage is not None and self.storage.postgres is not None
+        return self.storage.postgres
 
     def start(self) -> None:
         """Provider, storage (a private Redis and PostgreSQL for setup postgres), server;
-        the worker accounts. close() undoes whatever got done."""
+        the worker accounts."""
         args = self.args
-        server_path, self.identity = harness.snapshot(args.server, self.workdir)
-        self.provider = harness.start_provider(self.workdir)
-        say(f"fake provider on port {self.provider.port}")
+        self.processes.append(provider := h.start_provider(self.workdir))
+        self.provider_port = provider.port
+        say(f"fake provider on port {provider.port}")
+        self.storage = h.Storage.of_setup(args.setup, self.workdir, self.code, fsync=False)
         if args.setup == "postgres":
-            self.redis = harness.PrivateRedis(self.workdir)
-            self.postgres = harness.PrivatePostgres()
-            self.postgres.start()
             say(
                 f"private redis-server on port {self.redis.port}, private PostgreSQL"
                 f" on port {self.postgres.port} ({self.postgres.dir})"
             )
-            storage = {"DATABASE_URL": self.postgres.url(), "REDIS_URL": self.redis.url()}
-            harness.run_initdb(server_path, storage)
-        else:
-            storage = harness.EmbeddedStorage(self.workdir, server_path).prepare(1)
-        self.env = {
-            **harness.server_env(storage, self.provider.port), "DEEPSEEK_API_KEY": "soak",
-            "DEBUG_RETURN_RESET_TOKEN": "1", "RATE_FORGOT_IP": harness.RAISED_LIMIT,
-            "RATE_FORGOT_IDENTIFIER": harness.RAISED_LIMIT, **args.env,
+        self.env = h.server_env(self.storage.env, provider.port) | {
+            "DEEPSEEK_API_KEY": "soak", "DEBUG_RETURN_RESET_TOKEN": "1",
+            "RATE_FORGOT_IP": h.RAISED_LIMIT, "RATE_FORGOT_IDENTIFIER": h.RAISED_LIMIT, **args.env,
         }  # fmt: skip
-        argv = [sys.executable, str(server_path)]
-        self.server = harness.LoggedProcess(argv, self.env, self.workdir / "server.log")
+        self.server = h.start_server(self.code, self.env, self.workdir / "server.log")
+        self.processes.append(self.server)
         self.port = self.server.port
         say(f"server PID {self.server.pid} on port {self.port} ({args.setup})")
         emails = [f"soak-{self.tag}-w{i}@example.com" for i in range(args.workers)]
         for email in emails:
-            harness.register_user(self.port, email)
-        self.clients = [Worker(self, number, email) for number, email in enumerate(emails)]
-        self.monitor = HealthMonitor(self)
-        self.clients.append(self.monitor)
+            h.register_user(self.port, email)
+        self.workers = [Worker(self, number, email) for number, email in enumerate(emails)]
 
-    def quiet_sample(self) -> dict[str, Any]:
-        """Park every client, let the server settle; RSS, SIGUSR1 stats, upstream conns."""
-        assert self.server is not None
-        parked = self.gate.close(sum(1 for c in self.clients if c.thread.is_alive()), 15.0)
+    def provider_stats(self) -> dict[str, Any]:
+        """The provider's counters ({} when it does not answer)."""
+        try:
+            return h.provider_call(self.provider_port, "GET", "/stats")
+        except (OSError, http.client.HTTPException, ValueError, RuntimeError):
+            return {}
+
+    def server_stats(self, wait: float = 5.0) -> Stats | None:
+        """SIGUSR1 and the `stats ...` line the server logs for it (None: no answer)."""
+        offset = self.server.log_path.stat().st_size
+        try:
+            os.kill(self.server.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return None
+        for _ in range(int(wait / 0.05)):
+            with open(self.server.log_path, "rb") as log:
+                log.seek(offset)
+                if match := STATS_RE.search(log.read().decode("utf-8", "replace")):
+                    return Stats(*map(int, match.groups()))
+            time.sleep(0.05)
+        return None
+
+    def quiet_sample(self, threads: list[threading.Thread]) -> Quiet:
+        """Let the clients finish their requests (15 s at most) and close their connections,
+        let the server settle; RSS, SIGUSR1 stats, upstream connections."""
+        deadline = time.monotonic() + 15
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        parked = not any(thread.is_alive() for thread in threads)
         time.sleep(1.0)  # the server closes the connections the clients closed
-        rss = harness.settle(self.server.pid, 2.0)
-        return {
-            "all_parked": parked, "rss_mb": round(rss, 2), "stats": self.server_stats(),
-            "upstream_open": self.provider_stats().get("open"),
-        }  # fmt: skip
+        rss = round(h.settle(self.server.pid, 2.0), 2)
+        return Quiet(parked, rss, self.server_stats(), self.provider_stats().get("open"))
 
     def run(self) -> None:
         """The minutes: traffic, one fault each, a quiet point at the end of each."""
-        try:
-            self._run_minutes()
-        finally:
-            self.stop.set()
-            self.gate.opened.set()
-            for client in self.clients:
-                if client.thread.is_alive():
-                    client.thread.join(CLIENT_TIMEOUT * 3)
-
-    def _run_minutes(self) -> None:
-        assert self.server is not None
         args = self.args
-        self.start_sample = self.quiet_sample()
-        say(f"before traffic: {describe_quiet(self.start_sample)}")
-        self.t0 = time.monotonic()
-        self.deadline = self.t0 + args.minutes * MINUTE + 120  # slack for late quiet points
-        self.minute = 1
-        self.gate.opened.set()
-        for client in self.clients:
-            client.thread.start()
-        planned = self.t0
+        self.start_sample = self.quiet_sample([])
+        say(f"before traffic: {self.start_sample.describe()}")
+        self.t0 = planned = time.monotonic()
         for minute in range(1, args.minutes + 1):
             start = max(planned, time.monotonic())
-            planned = start + MINUTE
-            self.minute = minute
-            self.gate.opened.set()
-            window: dict[str, Any] = {"name": args.faults[(minute - 1) % len(args.faults)]}
-            with harness.RssSampler(self.server.pid) as rss:
+            planned, self.records[minute] = start + MINUTE, []
+            fault = Fault(args.faults[(minute - 1) % len(args.faults)])
+            self.probes.append(probe := h.health_probe(self.port, every=0.5, limit=QUIET_AT))
+            probe.timeout = CLIENT_TIMEOUT
+            with h.RssSampler(self.server.pid) as rss:
+                probe.thread.start()
+                threads = [w.start(minute, start + QUIET_AT) for w in self.workers]
                 sleep_until(start + FAULT_AT)
-                if window["name"] != "none":
-                    self._fault(minute, start, window)
+                if fault.name != "none":
+                    self.inject(minute, start, fault)
                 sleep_until(start + QUIET_AT)
-                quiet = self.quiet_sample()
-            summary = self.summarize_minute(minute, window, quiet, rss.peak)
-            self.minutes.append(summary)
-            print(render_minute(summary, args.minutes), flush=True)
+                probe.stopped.set()
+                quiet = self.quiet_sample([t for t in [*threads, probe.thread] if t])
+            self.minutes.append(self.summarize(minute, start, fault, quiet, rss.peak))
+            print(render_minute(self.minutes[-1], args.minutes), flush=True)
             if not self.server.alive():
                 code = self.server.proc.returncode
                 self.flags.append(f"the server exited (code {code}) in minute {minute}")
@@ -719,105 +539,85 @@ class Soak:
             if minute < args.minutes:
                 sleep_until(planned)
 
-    def _fault(self, minute: int, start: float, window: dict[str, Any]) -> None:
+    def inject(self, minute: int, start: float, fault: Fault) -> None:
         """Inject the minute's fault at FAULT_AT, heal it --fault-seconds later."""
-        assert self.server is not None
-        name, notes, seconds = window["name"], {}, self.args.fault_seconds
-        inject, heal = FAULTS[name]
-        window["injected_at"] = round(time.monotonic() - self.t0, 2)
+        inject, heal = FAULTS[fault.name]
+        fault.injected_at = round(time.monotonic() - self.t0, 2)
         try:
-            inject(self, notes)
-            sleep_until(start + FAULT_AT + seconds / 2)
-            window["under_fault"] = self.server_stats(2.0)
-            sleep_until(start + FAULT_AT + seconds)
+            inject(self, fault.notes)
+            sleep_until(start + FAULT_AT + self.args.fault_seconds / 2)
+            fault.under_fault = self.server_stats(2.0)
+            sleep_until(start + FAULT_AT + self.args.fault_seconds)
         except Exception as exc:
-            self.flags.append(f"minute {minute}: injecting {name}: {exc!r}")
+            self.flags.append(f"minute {minute}: injecting {fault.name}: {exc!r}")
         finally:
             try:
-                heal(self, notes)
+                heal(self, fault.notes)
             except Exception as exc:
-                self.flags.append(f"minute {minute}: healing {name}: {exc!r}")
-        window["healed_at"] = round(time.monotonic() - self.t0, 2)
-        window["notes"] = notes
-        say(f"minute {minute}: {name} injected and healed {notes}")
+                self.flags.append(f"minute {minute}: healing {fault.name}: {exc!r}")
+        fault.healed_at = round(time.monotonic() - self.t0, 2)
+        say(f"minute {minute}: {fault.name} injected and healed {fault.notes}")
 
-    # --- figures ---------------------------------------------------------------------
-
-    def summarize_minute(
-        self, minute: int, window: dict[str, Any], quiet: dict[str, Any], peak: float
-    ) -> dict[str, Any]:
-        """The minute's requests, errors, latencies and server figures."""
-        with self._lock:
-            records = [r for r in self.records if r.minute == minute]
-        errors = [r for r in records if r.outcome != "ok"]
-        faulty = "injected_at" in window
-        outside = [
-            r for r in errors
-            if not faulty
-            or not window["injected_at"] - CLIENT_TIMEOUT <= r.at <= window["healed_at"] + GRACE
-        ]  # fmt: skip
+    def summarize(
+        self, minute: int, start: float, fault: Fault, quiet: Quiet, peak: float
+    ) -> Minute:
+        """The minute's requests, errors, latencies, health probes and server figures."""
+        records = list(self.records.get(minute, []))
+        errors = [r for r in records if r[1] != "ok"]
         endpoints = {}
         for name in ENDPOINTS:
-            if mine := [r for r in records if r.endpoint == name]:
-                endpoints[name] = endpoint_summary(mine)
-        probes = [s for s in (self.monitor.samples if self.monitor else []) if s[0] == minute]
-        summary = {
-            "minute": minute, "fault": window, "requests": len(records),
-            "ok": len(records) - len(errors), "errors": len(errors),
-            "errors_in_fault_window": len(errors) - len(outside),
-            "errors_outside_fault_window": len(outside),
-            "errors_by_kind": dict(Counter(r.outcome for r in errors).most_common()),
-            "outside_by_kind": dict(Counter(f"{r.endpoint} {r.outcome}" for r in outside)),
-            "outside_first_at": [round(r.at, 2) for r in outside[:10]],
-            "status_500": sum(1 for r in records if status_of(r.outcome) == 500),
-            "ended_session_accepted": sum(
-                1 for r in records if r.outcome == "200 ended_session_accepted"
-            ),
-            "keepalive_retries": self.retries.get(minute, 0), "endpoints": endpoints,
-            "quiet": quiet, "peak_rss_mb": round(peak, 2), "probe": probe_summary(probes, window),
-        }  # fmt: skip
-        if faulty:
-            late = [r.at for r in errors if r.at >= window["healed_at"]]
-            after = round(max(late) - window["healed_at"], 2) if late else None
-            summary["last_error_after_heal_s"] = after
-        return summary
+            if mine := [r for r in records if r[0] == name]:
+                latencies, firsts = [r[3] for r in mine], [r[4] for r in mine if r[4] is not None]
+                endpoints[name] = {
+                    "requests": len(mine), "ok": sum(1 for r in mine if r[1] == "ok"),
+                    "outcomes": dict(Counter(r[1] for r in mine if r[1] != "ok")),
+                    "p50_ms": h.ms(h.percentile(latencies, 50)),
+                    "p99_ms": h.ms(h.percentile(latencies, 99)), "max_ms": h.ms(max(latencies)),
+                    "first_line_p99_ms": h.ms(h.percentile(firsts, 99)),
+                }  # fmt: skip
+        probes = [(at - self.t0, o, s) for at, o, s in self.probes[minute - 1].samples]
+        probe = dataclasses.asdict(h.tally([self.probes[minute - 1]], MINUTE))
+        probe["outcomes"] = dict(Counter(o for _, o, _ in probes if o != "ok"))
+        late = None
+        if fault.injected_at is not None:
+            bad = [p for p in probes if p[0] >= fault.injected_at and p[1] != "ok"]
+            good = [p for p in probes if p[0] >= fault.healed_at and p[1] == "ok"]
+            probe["failed_after_s"] = round(bad[0][0] - fault.injected_at, 2) if bad else None
+            if bad and good:
+                back = good[0][0] + good[0][2] - fault.healed_at
+                probe["ok_again_after_heal_s"] = round(back, 2)
+            if after := [r[2] for r in errors if r[2] >= fault.healed_at]:
+                late = round(max(after) - fault.healed_at, 2)
+        return Minute(
+            minute, fault, len(records), len(records) - len(errors),
+            dict(Counter(r[1] for r in errors).most_common()),
+            dict(Counter(f"{r[0]} {r[1]}" for r in errors if not fault.covers(r[2]))),
+            sum(1 for r in records if r[1].startswith("500")),
+            sum(1 for r in records if r[1] == "200 ended_session_accepted"),
+            self.retries.count(minute), endpoints, quiet, round(peak, 2), probe, late,
+        )  # fmt: skip
 
-    def verdict(self) -> dict[str, Any]:
+    def verdict(self) -> Verdict:
         """Growth between the early and the late quiet points; everything else flagged."""
-        quiets = {m["minute"]: m["quiet"] for m in self.minutes} | {0: self.start_sample}
+        quiets = {m.minute: m.quiet for m in self.minutes} | {0: self.start_sample}
         count = len(self.minutes)
         if count >= 5:
             base, end = [2, 3], [count - 1, count]
-        elif count >= 3:
-            base, end = [2], [count]
         else:
-            base, end = {0: ([], []), 1: ([0], [1]), 2: ([1], [2])}[count]
-
-        def values(which: list[int], key: str) -> list[float]:
-            found = [quiets.get(number) or {} for number in which]
-            found = [
-                q.get(key) if key == "rss_mb" else (q.get("stats") or {}).get(key) for q in found
-            ]
-            return [v for v in found if v is not None]
-
-        result: dict[str, Any] = {
-            "baseline_minutes": base, "final_minutes": end, "indicative_only": count < 5,
-            "thresholds": {
-                "rss_growth_mb": RSS_LIMIT_MB, "rss_mb_per_minute": RSS_SLOPE_LIMIT,
-                "greenlets": GREENLET_TOLERANCE, "open_fds": FD_TOLERANCE,
-            },
-        }  # fmt: skip
-        flags = list(self.flags)
+            base, end = {0: ([], []), 1: ([0], [1]), 2: ([1], [2])}.get(count, ([2], [count]))
+        result = Verdict(base, end, count < 5, {}, None, list(self.flags))
+        flags = result.flags
         for key, limit, label in GROWTH if base else ():
-            before, after = values(base, key), values(end, key)
+            before = [v for n in base if (v := quiets[n].figure(key)) is not None]
+            after = [v for n in end if (v := quiets[n].figure(key)) is not None]
             if not before or not after:
-                result[key] = None
+                result.growth[key] = None
                 flags.append(f"{label}: no figure for minutes {base} or {end}")
                 continue
             mean_or_max = statistics.mean if key == "rss_mb" else max
             first, last = mean_or_max(before), mean_or_max(after)
             grew = last - first > limit
-            result[key] = {
+            result.growth[key] = {
                 "baseline": round(first, 2), "final": round(last, 2),
                 "growth": round(last - first, 2), "ok": not grew,
             }  # fmt: skip
@@ -825,165 +625,68 @@ class Soak:
                 flags.append(f"{label} grew from {first:.1f} to {last:.1f} (limit +{limit})")
         # A step (a burst raised the allocator's high-water mark) is not a leak; a steady
         # climb is: the least-squares slope of the quiet-point RSS over the second half.
-        half = [
-            (m["minute"], m["quiet"]["rss_mb"])
-            for m in self.minutes
-            if m["minute"] > count // 2 and m["quiet"].get("rss_mb")
-        ]
+        half = [(m.minute, m.quiet.rss_mb) for m in self.minutes if m.minute > count // 2]
         if len(half) >= 3:
             slope = statistics.linear_regression(*zip(*half, strict=True)).slope
-            span = [half[0][0], half[-1][0]]
-            result["rss_slope"] = {
-                "minutes": span,
-                "mb_per_minute": round(slope, 3),
-                "ok": slope <= RSS_SLOPE_LIMIT,
-            }
-            if slope > RSS_SLOPE_LIMIT:
+            span, ok = [half[0][0], half[-1][0]], slope <= RSS_SLOPE_LIMIT
+            result.rss_slope = {"minutes": span, "mb_per_minute": round(slope, 3), "ok": ok}
+            if not ok:
                 flags.append(
                     f"RSS climbs {slope:+.2f} MB a minute over minutes {span[0]}-{span[1]}"
                     f" (limit +{RSS_SLOPE_LIMIT})"
                 )
         for m in self.minutes:
-            quiet, upstream, at = (
-                m["quiet"],
-                m["quiet"].get("upstream_open"),
-                f"minute {m['minute']}:",
-            )
-            if quiet.get("stats") is None:
+            at, upstream = f"minute {m.minute}:", m.quiet.upstream_open
+            if m.quiet.stats is None:
                 flags.append(f"{at} no answer to SIGUSR1 within 5 s (hung?)")
-            if not quiet.get("all_parked"):
+            if not m.quiet.all_parked:
                 flags.append(f"{at} a client did not finish its request in 15 s")
-            if m["status_500"]:
-                flags.append(f"{at} {m['status_500']} answers with status 500")
-            if n := m["errors_outside_fault_window"]:
-                flags.append(f"{at} {n} errors outside the fault window: {m['outside_by_kind']}")
-            if n := m["ended_session_accepted"]:
-                flags.append(f"{at} {n} ended sessions answered 200")
+            if m.status_500:
+                flags.append(f"{at} {m.status_500} answers with status 500")
+            if m.outside:
+                kinds = m.outside_by_kind
+                flags.append(f"{at} {m.outside} errors outside the fault window: {kinds}")
+            if m.ended_session_accepted:
+                flags.append(f"{at} {m.ended_session_accepted} ended sessions answered 200")
             if upstream is not None and upstream > UPSTREAM_IDLE:
-                flags.append(f"{at} {upstream} upstream connections open at the quiet point")
-                flags[-1] += f" (idle pool {UPSTREAM_IDLE})"
-        for text, n in self.bugs.items():
-            flags.append(f"client-side error in the soak itself ({n}x): {text}")
-        result["flags"] = flags
+                flags.append(
+                    f"{at} {upstream} upstream connections open at the quiet point"
+                    f" (idle pool {UPSTREAM_IDLE})"
+                )
+        bugs = Counter(self.bugs).items()
+        flags += [f"client-side error in the soak itself ({n}x): {text}" for text, n in bugs]
         return result
 
-    def finish(self) -> dict[str, Any]:
-        """Stop the server (a clean exit is expected) and read its log."""
-        assert self.server is not None and self.provider is not None
+    def finish(self) -> h.LogFacts:
+        """Stop the server (a clean exit is expected) and read its log; keep the logs."""
         began = time.monotonic()
         self.server.stop()
-        facts: dict[str, Any] = {
-            "exit_code": self.server.proc.returncode,
-            "shutdown_s": round(time.monotonic() - began, 2),
-        }
-        try:
-            text = self.server.log_text()
-        except OSError as exc:
-            text = ""
-            self.flags.append(f"the server log could not be read: {exc}")
-        facts.update(read_server_log(text))
-        if facts["exit_code"] != 0:
-            self.flags.append(f"the server exited with code {facts['exit_code']} on SIGTERM")
-        if facts["tracebacks"]:
-            self.flags.append(f"{facts['tracebacks']} tracebacks in the server log")
-        if facts["status_500_lines"]:
-            self.flags.append(f"{facts['status_500_lines']} requests logged with status 500")
-        if keep := self.args.keep_logs:
-            keep.mkdir(parents=True, exist_ok=True)
-            for name, process in (
-                ("server", self.server), ("provider", self.provider),
-                ("redis", self.redis), ("postgres", self.postgres),
-            ):  # fmt: skip
-                if process is not None:
-                    with contextlib.suppress(OSError):
-                        shutil.copyfile(process.log_path, keep / f"{name}.log")
+        facts = h.LogFacts.read(self.server.log_text())
+        facts.exit_code = self.server.proc.returncode
+        facts.shutdown_s = round(time.monotonic() - began, 2)
+        if facts.exit_code != 0:
+            self.flags.append(f"the server exited with code {facts.exit_code} on SIGTERM")
+        if facts.tracebacks:
+            self.flags.append(f"{facts.tracebacks} tracebacks in the server log")
+        if facts.status_500_lines:
+            self.flags.append(f"{facts.status_500_lines} requests logged with status 500")
+        logs = [self.server.log_path, self.processes[0].log_path]
+        if self.args.setup == "postgres":
+            logs += [self.redis.log_path, self.postgres.log_path]
+        for log, name in zip(logs, ("server", "provider", "redis", "postgres"), strict=False):
+            h.keep_log(self.args.keep_logs, log, f"{name}.log")
         return facts
 
     def close(self) -> None:
-        """Stop whatever still runs, by PID; remove the temporary files."""
+        """Stop whatever still runs, by PID (a no-op for what already stopped)."""
         self.stop.set()
-        self.gate.opened.set()
-        for stop in (
-            self.server and self.server.stop, self.provider and self.provider.stop,
-            self.redis and self.redis.stop, self.postgres and self.postgres.remove,
-        ):  # fmt: skip
-            if stop:
-                with contextlib.suppress(Exception):
-                    stop()  # a no-op for a process already stopped
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def endpoint_summary(mine: list[Record]) -> dict[str, Any]:
-    """Requests, outcomes and latencies of one endpoint over a minute."""
-    latencies = [r.latency for r in mine]
-    firsts = [r.first_line for r in mine if r.first_line is not None]
-    result = {
-        "requests": len(mine), "ok": sum(1 for r in mine if r.outcome == "ok"),
-        "outcomes": dict(Counter(r.outcome for r in mine if r.outcome != "ok")),
-        "p50_ms": ms(harness.percentile(latencies, 50)),
-        "p99_ms": ms(harness.percentile(latencies, 99)), "max_ms": ms(max(latencies)),
-    }  # fmt: skip
-    if firsts:
-        result["first_line_p50_ms"] = ms(harness.percentile(firsts, 50))
-        result["first_line_p99_ms"] = ms(harness.percentile(firsts, 99))
-    return result
-
-
-def probe_summary(
-    probes: list[tuple[int, float, str, float]], window: dict[str, Any]
-) -> dict[str, Any]:
-    """The 0.5 s health probe over one minute: latencies, and when the fault showed."""
-    latencies = [p[3] for p in probes]
-    result: dict[str, Any] = {
-        "count": len(probes), "failures": sum(1 for p in probes if p[2] != "ok"),
-        "max_ms": round(max(latencies), 1) if latencies else None,
-        "p99_ms": round(harness.percentile(latencies, 99) or 0, 1) if latencies else None,
-        "outcomes": dict(Counter(p[2] for p in probes if p[2] != "ok")),
-    }  # fmt: skip
-    if "injected_at" in window:
-        injected, healed = window["injected_at"], window["healed_at"]
-        bad = [p for p in probes if p[1] >= injected and p[2] != "ok"]
-        result["failed_after_s"] = round(bad[0][1] - injected, 2) if bad else None
-        if bad:
-            good = [p for p in probes if p[1] >= healed and p[2] == "ok"]
-            back = round(good[0][1] + good[0][3] / 1000 - healed, 2) if good else None
-            result["ok_again_after_heal_s"] = back
-    return result
-
-
-def read_server_log(text: str) -> dict[str, Any]:
-    """Tracebacks (with excerpts), ERROR lines, 5xx request lines, warnings by kind."""
-    lines = text.splitlines()
-    starts = [i for i, line in enumerate(lines) if TRACEBACK in line][:3]
-    statuses = Counter(
-        " ".join(match) for match in REQUEST_LINE_RE.findall(text) if match[2].startswith("5")
-    )
-    # Object addresses (pywsgi logs the socket's repr) blanked too, so like lines add up.
-    complaints = harness.complaint_kinds(re.sub(r"0x[0-9a-f]+", "0x", text))
-    return {
-        "lines": len(lines), "tracebacks": text.count(TRACEBACK),
-        "traceback_excerpts": ["\n".join(lines[max(0, i - 1) : i + 25]) for i in starts],
-        "error_lines": len(re.findall(r" (?:ERROR|CRITICAL) ", text)),
-        "status_500_lines": sum(n for key, n in statuses.items() if key.endswith(" 500")),
-        "status_5xx_by_route": dict(statuses.most_common()),
-        "complaints": dict(complaints.most_common(25)),
-    }  # fmt: skip
+        for process in self.processes:
+            process.stop()
+        if self.storage is not None:
+            self.storage.close()
 
 
 # --- Output ------------------------------------------------------------------------------
-
-
-def describe_quiet(quiet: dict[str, Any]) -> str:
-    """The quiet-point figures in one phrase."""
-    text = f"RSS {quiet['rss_mb']:.1f} MB"
-    if stats := quiet.get("stats"):
-        text += f", greenlets {stats['greenlets']}, open fds {stats['open_fds']}, connections"
-        text += f" {stats['connections']}"
-    else:
-        text += ", no answer to SIGUSR1"
-    if quiet.get("upstream_open") is not None:
-        text += f", upstream connections open {quiet['upstream_open']}"
-    return text
 
 
 def kinds_text(kinds: dict[str, int], top: int = 99) -> str:
@@ -997,117 +700,111 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def render_minute(m: dict[str, Any], total: int) -> str:
+def render_minute(m: Minute, total: int) -> str:
     """The report printed at the end of every minute."""
-    window, probe = m["fault"], m["probe"]
-    if "injected_at" in window:
-        head = (
-            f"minute {m['minute']}/{total}: {window['name']} at {window['injected_at']:.1f} s,"
-            f" healed at {window['healed_at']:.1f} s"
-        )
-        if window.get("notes"):
-            head += " (" + ", ".join(f"{k} {v}" for k, v in window["notes"].items()) + ")"
-        shown, back = probe.get("failed_after_s"), probe.get("ok_again_after_heal_s")
-        shows = "200 throughout"
-        if shown is not None:
-            shows = f"failing {shown:.1f} s after the injection, 200 again {fmt(back)} s"
-            shows += " after healing"
-        last = "no client error after healing"
-        if (after := m.get("last_error_after_heal_s")) is not None:
-            last = f"last client error {after:.1f} s after healing"
-        slowest = f"slowest probe {fmt(probe['max_ms'])} ms"
-        out = [f"== {head}", f"   healthz probe: {shows}; {slowest}; {last}"]
+    fault, probe = m.fault, m.probe
+    if fault.injected_at is not None:
+        notes = " (" + ", ".join(f"{k} {v}" for k, v in fault.notes.items()) + ")"
+        shows, last = "200 throughout", "no client error after healing"
+        if probe["failed_after_s"] is not None:
+            shows = f"failing {probe['failed_after_s']:.1f} s after the injection, 200 again"
+            shows += f" {fmt(probe.get('ok_again_after_heal_s'))} s after healing"
+        if m.last_error_after_heal_s is not None:
+            last = f"last client error {m.last_error_after_heal_s:.1f} s after healing"
+        out = [
+            f"== minute {m.minute}/{total}: {fault.name} at {fault.injected_at:.1f} s, healed at"
+            f" {fault.healed_at:.1f} s{notes if fault.notes else ''}",
+            f"   healthz probe: {shows}; slowest probe {fmt(probe['max_ms'])} ms; {last}",
+        ]
     else:
-        out = [f"== minute {m['minute']}/{total}: no fault"]
+        out = [f"== minute {m.minute}/{total}: no fault"]
         out.append(f"   healthz probe: slowest {fmt(probe['max_ms'])} ms")
     out.append(
-        f"   requests {m['requests']:,}: ok {m['ok']:,}, errors {m['errors']:,} (in the fault"
-        f" window {m['errors_in_fault_window']:,}, outside {m['errors_outside_fault_window']:,}),"
-        f" status 500: {m['status_500']}, keep-alive retries {m['keepalive_retries']}"
+        f"   requests {m.requests:,}: ok {m.ok:,}, errors {m.errors:,} (in the fault window"
+        f" {m.errors - m.outside:,}, outside {m.outside:,}), status 500: {m.status_500},"
+        f" keep-alive retries {m.keepalive_retries}"
     )
-    out.append(f"   errors by kind: {kinds_text(m['errors_by_kind'])}")
+    out.append(f"   errors by kind: {kinds_text(m.errors_by_kind)}")
     rows = [("endpoint", "requests", "ok", "p50 ms", "p99 ms", "errors by kind")]
-    for name, e in m["endpoints"].items():
+    for name, e in m.endpoints.items():
         counts = f"{e['requests']:,}", f"{e['ok']:,}", fmt(e["p50_ms"]), fmt(e["p99_ms"])
         rows.append((name, *counts, kinds_text(e["outcomes"], 4)))
-    out += ["     " + line for line in harness.text_table(rows, "lrrrr-", rule=False)]
+    out += ["     " + line for line in h.text_table(rows, "lrrrr-", rule=False)]
     out.append(
-        f"   server at the quiet point: {describe_quiet(m['quiet'])}; peak RSS this minute"
-        f" {m['peak_rss_mb']:.1f} MB"
+        f"   server at the quiet point: {m.quiet.describe()}; peak RSS this minute"
+        f" {m.peak_rss_mb:.1f} MB"
     )
-    if under := window.get("under_fault"):
+    if under := fault.under_fault:
         out.append(
-            f"   under the fault: connections {under['connections']}, greenlets"
-            f" {under['greenlets']}, open fds {under['open_fds']}, RSS"
-            f" {under['rss_kib'] / 1024:.1f} MB"
+            f"   under the fault: connections {under.connections}, greenlets {under.greenlets},"
+            f" open fds {under.open_fds}, RSS {under.rss_kib / 1024:.1f} MB"
         )
     return "\n".join(out)
 
 
-def render_table(soak: Soak) -> str:
-    """One line per minute."""
+def render_table(start: Quiet, minutes: list[Minute]) -> str:
+    """One line per minute, the quiet point before the traffic first."""
     header = "min,fault,requests,errors,outside,500s,RSS MB,peak MB,greenlets,fds,back s"
-    stats = soak.start_sample.get("stats") or {}
-    rows = [
-        (*header.split(","), "errors by kind"),
-        ("0", "(before traffic)", "", "", "", "", fmt(soak.start_sample["rss_mb"]), "",
-         str(stats.get("greenlets", "-")), str(stats.get("open_fds", "-")), "", ""),
-    ]  # fmt: skip
-    for m in soak.minutes:
-        stats = m["quiet"].get("stats") or {}
+    rows = [(*header.split(","), "errors by kind")]
+    for m in [None, *minutes]:
+        quiet = m.quiet if m else start
+        stats = [str(getattr(quiet.stats, key, "-")) for key in ("greenlets", "open_fds")]
+        if m is None:
+            empty = ("", "", "", "")
+            rows.append(("0", "(before traffic)", *empty, fmt(start.rss_mb), "", *stats, "", ""))
+            continue
         rows.append(
             (
-                str(m["minute"]), m["fault"]["name"], f"{m['requests']:,}", f"{m['errors']:,}",
-                f"{m['errors_outside_fault_window']:,}", str(m["status_500"]),
-                fmt(m["quiet"]["rss_mb"]), fmt(m["peak_rss_mb"]),
-                str(stats.get("greenlets", "-")), str(stats.get("open_fds", "-")),
-                fmt(m["probe"].get("ok_again_after_heal_s")), kinds_text(m["errors_by_kind"], 3),
+                str(m.minute), m.fault.name, f"{m.requests:,}", f"{m.errors:,}", f"{m.outside:,}",
+                str(m.status_500), fmt(quiet.rss_mb), fmt(m.peak_rss_mb), *stats,
+                fmt(m.probe.get("ok_again_after_heal_s")), kinds_text(m.errors_by_kind, 3),
             )
         )  # fmt: skip
-    return "\n".join(harness.text_table(rows, "rlrrrrrrrrr-"))
+    return "\n".join(h.text_table(rows, "rlrrrrrrrrr-"))
 
 
-def render_verdict(verdict: dict[str, Any], log: dict[str, Any]) -> str:
+def render_verdict(verdict: Verdict, log: h.LogFacts | None) -> str:
     """Growth, flags, and the server log's findings."""
-    base, end = verdict["baseline_minutes"], verdict["final_minutes"]
+    base, end = verdict.baseline_minutes, verdict.final_minutes
     out = ["growth: no whole minute to compare"]
     if base:
         named = "before traffic" if base == [0] else f"minute(s) {'-'.join(map(str, base))}"
         caveat = ""
         if base == [0]:
             caveat = " (a cold start: pools fill up, growth is shown, not flagged)"
-        elif verdict["indicative_only"]:
+        elif verdict.indicative_only:
             caveat = " (indicative only: fewer than 5 minutes)"
         finals = "-".join(map(str, end))
         out = [f"growth, quiet points of {named} against minute(s) {finals}{caveat}:"]
     for key, limit, label in GROWTH if base else ():
-        if (found := verdict.get(key)) is None:
+        if (g := verdict.growth.get(key)) is None:
             out.append(f"  {label:<10} no figures")
             continue
+        state = "ok" if g["ok"] else ("warm-up" if base == [0] else "GROWTH")
         out.append(
-            f"  {label:<10} {found['baseline']:8.1f} -> {found['final']:8.1f}"
-            f"  {found['growth']:+6.1f} (limit +{limit})"
-            f"  {'ok' if found['ok'] else ('warm-up' if base == [0] else 'GROWTH')}"
+            f"  {label:<10} {g['baseline']:8.1f} -> {g['final']:8.1f}  {g['growth']:+6.1f}"
+            f" (limit +{limit})  {state}"
         )
-    if slope := verdict.get("rss_slope"):
-        first, last = slope["minutes"]
+    if slope := verdict.rss_slope:
+        (first, last), state = slope["minutes"], "ok" if slope["ok"] else "CLIMBING"
         out.append(
             f"  RSS trend over minutes {first}-{last}: {slope['mb_per_minute']:+.3f} MB a minute"
-            f" (limit +{RSS_SLOPE_LIMIT})  {'ok' if slope['ok'] else 'CLIMBING'}"
+            f" (limit +{RSS_SLOPE_LIMIT})  {state}"
         )
-    out.append(
-        f"server log: {log['lines']:,} lines, {log['tracebacks']} tracebacks,"
-        f" {log['error_lines']} ERROR lines, {log['status_500_lines']} requests with status"
-        f" 500; exit code {log['exit_code']} after SIGTERM ({log['shutdown_s']:.1f} s)"
-    )
-    if log["status_5xx_by_route"]:
-        out.append(f"  5xx by route: {kinds_text(log['status_5xx_by_route'], 8)}")
-    if log["complaints"]:
-        out.append("  warnings and errors by kind:")
-        out += [f"    {n:6,}  {kind[:150]}" for kind, n in list(log["complaints"].items())[:12]]
-    for excerpt in log["traceback_excerpts"]:
-        out.append("  traceback:\n" + "\n".join("    " + line for line in excerpt.splitlines()))
-    if flags := verdict["flags"]:
+    if log is not None:
+        out.append(
+            f"server log: {log.lines:,} lines, {log.tracebacks} tracebacks, {log.error_lines}"
+            f" ERROR lines, {log.status_500_lines} requests with status 500; exit code"
+            f" {log.exit_code} after SIGTERM ({log.shutdown_s:.1f} s)"
+        )
+        if log.status_5xx_by_route:
+            out.append(f"  5xx by route: {kinds_text(log.status_5xx_by_route, 8)}")
+        if log.complaints:
+            out.append("  warnings and errors by kind:")
+            out += [f"    {n:6,}  {kind[:150]}" for kind, n in list(log.complaints.items())[:12]]
+        for excerpt in log.traceback_excerpts:
+            out.append("  traceback:\n" + "\n".join("    " + line for line in excerpt.splitlines()))
+    if flags := verdict.flags:
         out.append(f"verdict: FLAGGED ({len(flags)})")
         out.extend(f"  - {flag}" for flag in flags)
     else:
@@ -1121,31 +818,14 @@ def render_verdict(verdict: dict[str, Any], log: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n", 1)[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    h.common_options(parser, "postgres")
     add = parser.add_argument
     add("--minutes", type=int, default=10, help="minutes of traffic (1..120)")
-    add("--setup", choices=("postgres", "embedded"), default="postgres")
-    add("--json", type=Path, help="where to write every figure")
     add("--workers", type=int, default=12, help="client threads (1..64)")
-    add(
-        "--faults", default="",
-        help=f"comma-separated rotation, one a minute, from {', '.join(FAULTS)}\n"
-        f"(default postgres: {','.join(ROTATION['postgres'])};\n"
-        f" embedded: {','.join(ROTATION['embedded'])})",
-    )  # fmt: skip
+    add("--faults", default="", help=f"the rotation, one a minute: {','.join(FAULTS)}")
     add("--fault-seconds", type=float, default=12.0, help="how long each fault lasts (1..30)")
     add("--seed", type=int, default=1, help="seed of the workers' choices")
-    add(
-        "--env", action="append", default=[], metavar="NAME=VALUE",
-        help="an extra setting for the server (repeatable)",
-    )  # fmt: skip
-    add("--keep-logs", type=Path, help="copy the logs to this folder")
-    add(
-        "--server", type=Path, default=harness.ROOT / "cloudchat.py",
-        help="the server module to run (schema.sql beside it)",
-    )  # fmt: skip
     args = parser.parse_args(argv)
     if not 1 <= args.minutes <= 120 or not 1 <= args.workers <= 64:
         parser.error("keep --minutes in 1..120 and --workers in 1..64")
@@ -1156,61 +836,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown fault(s) {', '.join(sorted(unknown))}; use {', '.join(FAULTS)}")
     if args.setup == "embedded" and set(faults) & set(STORAGE_FAULTS):
         parser.error(f"setup embedded has no Redis or PostgreSQL to break: {STORAGE_FAULTS}")
-    args.faults, args.env = faults, harness.parse_env(parser, args.env)
+    args.faults, args.env = faults, h.parse_env(parser, args.env)
     return args
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Start everything, run the minutes, report, clean up."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    started = dt.datetime.now(dt.UTC)
-    soak, box = Soak(args), harness.machine()
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(f"signal {signum}"))
+    started, box = dt.datetime.now(dt.UTC), h.Machine.now()
     print(
         f"CloudChat soak, setup {args.setup}, {args.minutes} minute(s), {args.workers} workers,"
         f" faults {','.join(args.faults)} ({args.fault_seconds:g} s at {FAULT_AT:g} s into each"
-        f" minute); {box['nproc']} x {box['cpu_model']}, Python {box['python']}, load average"
-        f" at start {box['loadavg_at_start'][0]:.2f}; MB = MiB",
+        f" minute); {box.line()}",
         flush=True,
     )
-    log_facts: dict[str, Any] = {}
-    try:
-        soak.start()
-        print(harness.identity_line(soak.identity), flush=True)
+    log: h.LogFacts | None = None
+    with tempfile.TemporaryDirectory(prefix="cc-soak-", ignore_cleanup_errors=True) as tmp:
+        soak = Soak(args, Path(tmp))
         try:
-            soak.run()
-        except KeyboardInterrupt:
-            soak.flags.append("interrupted: the figures stop at the last whole minute")
-            say("interrupted: stopping and cleaning up")
-        log_facts = soak.finish()
-    finally:
-        soak.close()
+            soak.start()
+            print(soak.code.line(), flush=True)
+            try:
+                soak.run()
+            except (KeyboardInterrupt, SystemExit):
+                soak.flags.append("interrupted: the figures stop at the last whole minute")
+                say("interrupted: stopping and cleaning up")
+            log = soak.finish()
+        finally:
+            soak.close()
     verdict = soak.verdict()
-    print(f"\n{render_table(soak)}\n\n{render_verdict(verdict, log_facts)}")
-    out = args.json or harness.BENCH / "results" / f"soak-{args.setup}-{started:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\n{render_table(soak.start_sample, soak.minutes)}\n\n{render_verdict(verdict, log)}")
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "setup": args.setup,
         "minutes": args.minutes, "workers": args.workers, "faults": args.faults,
         "fault_seconds": args.fault_seconds, "fault_at_s": FAULT_AT, "quiet_at_s": QUIET_AT,
         "client_timeout_s": CLIENT_TIMEOUT, "grace_s": GRACE, "weights": WEIGHTS,
-        "seed": args.seed,
+        "seed": args.seed, "server": soak.code, "machine": box,
         "server_settings": {k: v for k, v in soak.env.items() if k not in ("PATH", "LANG")},
-        "server": soak.identity, "machine": box, "started": started.isoformat(timespec="seconds"),
+        "started": started.isoformat(timespec="seconds"),
     }  # fmt: skip
-    samples = soak.monitor.samples if soak.monitor else []
-    probes = [[m, round(a, 2), o, round(t, 1)] for m, a, o, t in samples]
-    record = {
-        "meta": meta, "before_traffic": soak.start_sample, "minutes": soak.minutes,
-        "verdict": verdict, "server_log": log_facts, "probe_samples": probes,
-    }  # fmt: skip
-    out.write_text(json.dumps(record, indent=1))
-    print(f"figures written to {out}")
-    return 1 if verdict["flags"] else 0
+    probe_samples = [sample for probe in soak.probes for sample in probe.samples]
+    record = {"meta": meta, "before_traffic": soak.start_sample, "minutes": soak.minutes}
+    samples = [(round(t - soak.t0, 2), o, round(s * 1000, 1)) for t, o, s in probe_samples]
+    record |= {"verdict": verdict, "server_log": log, "probe_samples": samples}
+    out = args.json or h.BENCH / "results" / f"soak-{args.setup}-{started:%Y%m%d-%H%M%S}.json"
+    h.write_json(out, record)
+    return 1 if verdict.flags else 0
 
 
 if __name__ == "__main__":
