@@ -5398,21 +5398,56 @@ def cleanup_forever(sql: SqlStore, cfg: Config) -> None:
         gevent.sleep(cfg.cleanup_interval)
 
 
+def read_link_request(s: Services, address_action: str, what: str) -> tuple[str | None, str | None]:
+    """The email or phone a forgot or resend request names; (None, None) when it names
+    neither or its address is over RATE_FORGOT_IP (then nothing is sent, and the answer
+    is the same 200). A 400 without an identifier."""
+    cfg = s.cfg
+    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
+    identifier = (str_field(body, "identifier") or str_field(body, "email") or "").strip()
+    if not identifier:
+        raise ApiError(400, "invalid_input", "Identifier is required")
+    address = LimitCheck(cfg.rate_forgot_ip, address_action, client_address_key(cfg))
+    if over_rate_limits(s.kv, [address]) is not None:
+        log.info("%s: over the rate limit, nothing sent", what)
+        return None, None
+    return parse_identifier(identifier)
+
+
+def account_for_mailed_link(
+    s: Services,
+    identifier: tuple[str | None, str | None],
+    action: str,
+    what: str,
+    unverified_only: bool = False,
+) -> User | None:
+    """The active account an (email, phone) names (with an unverified address, if asked),
+    if it may get one more mailed link (its RATE_FORGOT_IDENTIFIER, email and phone alike,
+    counted as `action`); else None, logged as `what`.
+
+    Counted only for an account that exists: a counter per unknown address named would let
+    anyone fill Redis, and the answer (always 200) is the same either way.
+    """
+    found = get_password_login(s.sql, *identifier)
+    kind = "unverified active" if unverified_only else "active"
+    if found is None or not found[0].is_active or (unverified_only and found[0].email_verified):
+        log.info("%s: no %s account for the identifier, nothing sent", what, kind)
+        return None
+    user = found[0]
+    account = LimitCheck(s.cfg.rate_forgot_identifier, action, f"user:{user.id}")
+    if over_rate_limits(s.kv, [account]) is not None:
+        log.info("%s: over the rate limit of the account, nothing sent", what)
+        return None
+    return user
+
+
 def issue_password_reset(
     s: Services, email: str | None, phone: str | None, origin: Origin
 ) -> str | None:
     """Store a reset token for the account and mail its link, within the account's limit
     (email and phone alike); the token, or None."""
-    found = get_password_login(s.sql, email, phone)
-    if found is None or not found[0].is_active:
-        log.info("password reset: no active account for the identifier, nothing sent")
-        return None
-    user = found[0]
-    # Counted only for an account that exists: a counter per unknown address named would
-    # let anyone fill Redis, and the answer (always 200) is the same either way.
-    account = LimitCheck(s.cfg.rate_forgot_identifier, "forgot_id", f"user:{user.id}")
-    if over_rate_limits(s.kv, [account]) is not None:
-        log.info("password reset: over the rate limit of the account, nothing sent")
+    user = account_for_mailed_link(s, (email, phone), "forgot_id", "password reset")
+    if user is None:
         return None
     token = new_token()
     expires_at = utcnow() + dt.timedelta(seconds=s.cfg.pwreset_token_ttl)
@@ -5574,16 +5609,8 @@ def resend_verification(
 ) -> str | None:
     """A new verification link for an active, unverified account, within the account's
     limit (email and phone alike); the token, or None."""
-    found = get_password_login(s.sql, email, phone)
-    if found is None or not found[0].is_active or found[0].email_verified:
-        log.info("verification: no unverified active account for the identifier, nothing sent")
-        return None
-    user = found[0]
-    account = LimitCheck(s.cfg.rate_forgot_identifier, "resend_id", f"user:{user.id}")
-    if over_rate_limits(s.kv, [account]) is not None:
-        log.info("verification: over the rate limit of the account, nothing sent")
-        return None
-    return issue_email_verification(s, user, origin)
+    found = account_for_mailed_link(s, (email, phone), "resend_id", "verification", True)
+    return issue_email_verification(s, found, origin) if found is not None else None
 
 
 # -- handlers: addresses and the account itself --------------------------------------------
@@ -5622,19 +5649,11 @@ def verify_email(s: Services) -> dict[str, Any]:
 def resend_verification_link(s: Services) -> dict[str, Any]:
     """POST /auth/email/resend {"identifier"}: always 200; a new link when the account
     exists and is unverified."""
-    cfg = s.cfg
-    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
-    identifier = (str_field(body, "identifier") or str_field(body, "email") or "").strip()
-    if not identifier:
-        raise ApiError(400, "invalid_input", "Identifier is required")
-    email, phone = parse_identifier(identifier)
-    address = LimitCheck(cfg.rate_forgot_ip, "resend_ip", client_address_key(cfg))
-    if over_rate_limits(s.kv, [address]) is not None:
-        log.info("verification: over the rate limit, nothing sent")
-    elif email or phone:
+    email, phone = read_link_request(s, "resend_ip", "verification")
+    if email or phone:
         # Looked up after the answer is sent: its timing cannot tell whether the account
         # exists or is verified.
-        s.jobs.spawn(resend_verification, s, email, phone, request_origin(cfg))
+        s.jobs.spawn(resend_verification, s, email, phone, request_origin(s.cfg))
     return {"ok": True}
 
 
@@ -6014,18 +6033,9 @@ def me(s: Services, user: User) -> dict[str, Any]:
 def forgot_password(s: Services) -> dict[str, Any]:
     """POST /auth/password/forgot: always 200; a reset link when the account exists."""
     cfg = s.cfg
-    body = read_json_object(cfg.max_body_bytes, cfg.body_timeout)
-    identifier = (str_field(body, "identifier") or str_field(body, "email") or "").strip()
-    if not identifier:
-        raise ApiError(400, "invalid_input", "Identifier is required")
-    email, phone = parse_identifier(identifier)
-    over = over_rate_limits(
-        s.kv, [LimitCheck(cfg.rate_forgot_ip, "forgot_ip", client_address_key(cfg))]
-    )
+    email, phone = read_link_request(s, "forgot_ip", "password reset")
     answer: dict[str, Any] = {"ok": True}
-    if over is not None:
-        log.info("password reset: over the rate limit, nothing sent")
-    elif (email or phone) and cfg.debug_return_reset_token:
+    if (email or phone) and cfg.debug_return_reset_token:
         token = issue_password_reset(s, email, phone, request_origin(cfg))
         if token:
             answer.update(debug_token=token, debug_ttl=cfg.pwreset_token_ttl)
