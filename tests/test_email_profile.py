@@ -716,7 +716,7 @@ def test_two_accounts_asking_for_the_same_address(server: Server, mail: MailSink
     # The two mails may arrive in either order: tell the links apart by their rows.
     bob_hash = sql_rows(
         server,
-        "SELECT token_hash FROM email_tokens WHERE user_id = %s",
+        "SELECT token_hash FROM email_tokens WHERE user_id = %s AND purpose = 'change'",
         (user_id_of(server, bob),),
     )[0]["token_hash"]
     if hashlib.sha256(alice_link.encode()).hexdigest() == bob_hash:
