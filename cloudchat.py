@@ -25,8 +25,29 @@ stored as authenticator apps need them, with the database as the trust boundary 
 """
 
 if __name__ == "__main__":
-    # Patch before anything else imports socket, ssl or threading; never on plain import,
-    # so that embedding servers and tests keep the standard library they expect.
+    # Run as a script (`python cloudchat.py`), this file starts again as an import of
+    # itself: Python compiled the whole file to run it, and the compiler's memory (9 MB of
+    # a 64 MB start) would stay with the process, where an import reads the cached bytecode.
+    # The new process patches gevent before anything imports socket, ssl or threading and
+    # runs main(). `python -m cloudchat` reads the bytecode already and goes on here, as
+    # does a start with PYTHONDONTWRITEBYTECODE; a plain import (embedding servers, tests)
+    # patches nothing.
+    import os as _os
+    import sys as _sys
+
+    if __spec__ is None and not _sys.dont_write_bytecode:  # else it would compile again
+        _options = _sys.orig_argv[1 : len(_sys.orig_argv) - len(_sys.argv)]  # -X dev, say
+        _where, _file = _os.path.split(_os.path.abspath(__file__))
+        _restart = (
+            "import importlib, sys; where, name = sys.argv.pop(1), sys.argv.pop(1);"
+            " sys.path.insert(0, where); from gevent import monkey; monkey.patch_all();"
+            " sys.exit(importlib.import_module(name).main())"
+        )
+        _argv = [_sys.executable, *_options, "-c", _restart, _where, _file[:-3]]
+        try:
+            _os.execv(_sys.executable, [*_argv, *_sys.argv[1:]])
+        except OSError:
+            pass  # no exec here: serve from this copy
     from gevent import monkey
 
     monkey.patch_all()

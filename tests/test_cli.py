@@ -322,3 +322,51 @@ def test_config_is_frozen() -> None:
     cfg = cloudchat.Config.from_env({})
     with pytest.raises(AttributeError):
         cfg.argon2_time_cost = 1
+
+
+def test_a_script_start_runs_the_module_from_its_bytecode(tmp_path: Path) -> None:
+    """`python cloudchat.py` starts again (same PID) as an import of the module, so that
+    the compiler's memory stays behind: the serving process runs `-c`, keeps interpreter
+    options such as -X, caches the bytecode, and a read-only copy still starts."""
+    copy = tmp_path / "app"
+    copy.mkdir()
+    (copy / "cloudchat.py").write_bytes((ROOT / "cloudchat.py").read_bytes())
+    env = {**base_env(), "PORT": "0", "CLOUDCHAT_DB_PATH": str(tmp_path / "cc.db")}
+    del env["PYTHONDONTWRITEBYTECODE"]  # the suite's setting; a deployment writes bytecode
+    proc = subprocess.Popen(
+        [PYTHON, "-X", "utf8", str(copy / "cloudchat.py")],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "listening on" in line:
+                break
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_text().split("\0")
+        assert argv[1:4] == ["-X", "utf8", "-c"], argv
+        assert argv[5:7] == [str(copy), "cloudchat"], argv
+        assert list((copy / "__pycache__").glob("cloudchat.*.pyc")), "no bytecode cached"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    (copy / "__pycache__").chmod(0o555)
+    copy.chmod(0o555)  # nothing can be written: the import compiles in memory
+    try:
+        done = subprocess.run(
+            [PYTHON, str(copy / "cloudchat.py"), "--version"],
+            env=env,
+            cwd=str(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0 and done.stdout.startswith("cloudchat "), done
+    finally:
+        copy.chmod(0o755)
+        (copy / "__pycache__").chmod(0o755)
