@@ -26,7 +26,7 @@ stored as authenticator apps need them, with the database as the trust boundary 
 
 if __name__ == "__main__":
     # Run as a script (`python cloudchat.py`), this file starts again as an import of
-    # itself: Python compiled the whole file to run it, and the compiler's memory (9 MB of
+    # itself: Python compiled the whole file to run it, and the compiler's memory (14 MB of
     # a 64 MB start) would stay with the process, where an import reads the cached bytecode.
     # The new process patches gevent before anything imports socket, ssl or threading and
     # runs main(). `python -m cloudchat` reads the bytecode already and goes on here, as
@@ -35,9 +35,11 @@ if __name__ == "__main__":
     import os as _os
     import sys as _sys
 
-    if __spec__ is None and not _sys.dont_write_bytecode:  # else it would compile again
+    _where, _file = _os.path.split(_os.path.abspath(__file__))
+    # Not with PYTHONDONTWRITEBYTECODE (the import would compile again), nor for a file
+    # that cannot be imported by its name.
+    if __spec__ is None and not _sys.dont_write_bytecode and _file.endswith(".py"):
         _options = _sys.orig_argv[1 : len(_sys.orig_argv) - len(_sys.argv)]  # -X dev, say
-        _where, _file = _os.path.split(_os.path.abspath(__file__))
         _restart = (
             "import importlib, sys; where, name = sys.argv.pop(1), sys.argv.pop(1);"
             " sys.path.insert(0, where); from gevent import monkey; monkey.patch_all();"
