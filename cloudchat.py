@@ -2227,8 +2227,8 @@ class KeyValueStore:
         not exist (SET NX). True if it was set."""
         raise NotImplementedError
 
-    def set_many(self, keys: Sequence[str], value: str, ttl: int) -> None:
-        """Set every key to one value, expiring after `ttl` seconds, in one round trip."""
+    def set_many(self, items: Sequence[tuple[str, str]], ttl: int) -> None:
+        """Set several keys, each to its value, expiring after `ttl` s, in one round trip."""
         raise NotImplementedError
 
     def replace(self, key: str, expected: str, value: str, ttl: int) -> bool:
@@ -2255,10 +2255,6 @@ class KeyValueStore:
     def add_many(self, amounts: Sequence[tuple[str, int]], ttl: int) -> None:
         """Add to several counters (made at 0 where missing) and let each expire `ttl`
         seconds from now, in one round trip."""
-        raise NotImplementedError
-
-    def set_values(self, items: Sequence[tuple[str, str]], ttl: int) -> None:
-        """Set several keys, each to its value, expiring after `ttl` s, in one round trip."""
         raise NotImplementedError
 
     def hit_many(
@@ -2400,12 +2396,12 @@ class RedisStore(KeyValueStore):
                 self._client.set(self._prefix + key, value, ex=max(1, ttl), nx=only_if_absent)
             )
 
-    def set_many(self, keys: Sequence[str], value: str, ttl: int) -> None:
-        if not keys:
+    def set_many(self, items: Sequence[tuple[str, str]], ttl: int) -> None:
+        if not items:
             return
         with self._errors():
             pipe = self._client.pipeline(transaction=False)
-            for key in keys:
+            for key, value in items:
                 pipe.set(self._prefix + key, value, ex=max(1, ttl))
             pipe.execute()
 
@@ -2514,15 +2510,6 @@ end
                 pipe.expire(self._prefix + key, ttl)
             pipe.execute()
 
-    def set_values(self, items: Sequence[tuple[str, str]], ttl: int) -> None:
-        if not items:
-            return
-        with self._errors():
-            pipe = self._client.pipeline(transaction=False)
-            for key, value in items:
-                pipe.set(self._prefix + key, value, ex=max(1, ttl))
-            pipe.execute()
-
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
         full = self._prefix + key
         with self._errors():
@@ -2580,8 +2567,8 @@ class MemoryStore(KeyValueStore):
             self._wrote(now)
             return True
 
-    def set_many(self, keys: Sequence[str], value: str, ttl: int) -> None:
-        for key in keys:
+    def set_many(self, items: Sequence[tuple[str, str]], ttl: int) -> None:
+        for key, value in items:
             self.set(key, value, ttl)
 
     def replace(self, key: str, expected: str, value: str, ttl: int) -> bool:
@@ -2660,10 +2647,6 @@ class MemoryStore(KeyValueStore):
                 entry = self._live(key, now)
                 self._data[key] = (str(int(entry[0] if entry else 0) + amount), now + max(1, ttl))
                 self._wrote(now)
-
-    def set_values(self, items: Sequence[tuple[str, str]], ttl: int) -> None:
-        for key, value in items:
-            self.set(key, value, ttl)
 
     def append_list(self, key: str, items: list[str], keep: int, ttl: int) -> None:
         now = time.monotonic()
@@ -3254,6 +3237,16 @@ def rate_limit_windows(checks: Sequence[LimitCheck]) -> list[tuple[str, int, int
     return windows
 
 
+def rate_limit_keys(actions: Sequence[str], whose: str) -> list[str]:
+    """The key-value keys that count `whose` attempts at these actions (to clear them)."""
+    return [
+        key
+        for key, _, _ in rate_limit_windows(
+            [LimitCheck(RateLimit(1, 1), a, whose) for a in actions]
+        )
+    ]
+
+
 def seconds_until_allowed(
     checks: Sequence[LimitCheck], counts: Sequence[tuple[int, int]]
 ) -> int | None:
@@ -3510,8 +3503,7 @@ def mark_cached_sessions_revoked(kv: KeyValueStore, cfg: Config, hashes: list[st
         return
     try:
         kv.set_many(
-            [_session_cache_key(h) for h in hashes],
-            _REVOKED,
+            [(_session_cache_key(h), _REVOKED) for h in hashes],
             cfg.session_cache_seconds + REVOCATION_MARK_SECONDS,
         )
     except StoreUnavailable as exc:
@@ -4459,7 +4451,7 @@ def rebuild_budget_counters(kv: KeyValueStore, sql: SqlStore, day: str) -> None:
             key = budget_key(day, "ip", address)
             totals[key] = totals.get(key, 0) + tokens
     items = [(key, str(value)) for key, value in totals.items()]
-    kv.set_values([*items, (_ready_key(day), "1")], BUDGET_KEY_SECONDS)
+    kv.set_many([*items, (_ready_key(day), "1")], BUDGET_KEY_SECONDS)
     log.info("chat budgets: the day's counters rebuilt from SQL (%d of them)", len(items))
 
 
@@ -5280,11 +5272,10 @@ ACCOUNT_LIMIT_ACTIONS = (
 
 def account_limit_keys(user: User) -> list[str]:
     """The key-value keys of the rate limits that count this account's attempts."""
-    checks = [
-        LimitCheck(RateLimit(1, 1), action, f"user:{user.id}") for action in ACCOUNT_LIMIT_ACTIONS
+    return [
+        *rate_limit_keys(ACCOUNT_LIMIT_ACTIONS, f"user:{user.id}"),
+        *rate_limit_keys(("register_email",), user.email),
     ]
-    checks.append(LimitCheck(RateLimit(1, 1), "register_email", user.email))
-    return [key for key, _, _ in rate_limit_windows(checks)]
 
 
 def delete_account(
@@ -5310,6 +5301,32 @@ def delete_account(
     return True
 
 
+def session_record(row: Sequence[Any]) -> dict[str, Any]:
+    """A session row (list_user_sessions) as the API shows it: the public id, never the
+    cookie or its hash."""
+    id_hash, agent, ip, created, seen, expires = row
+    return {
+        "id": session_public_id(id_hash),
+        "created_at": _iso(created),
+        "last_seen_at": _iso(seen or created),
+        "expires_at": _iso(expires),
+        "user_agent": agent or "",
+        "ip": ip or "",
+    }
+
+
+EVENT_FIELDS = ("at", "user_id", "event", "detail", "ip", "user_agent", "request_id")
+
+
+def event_record(row: Sequence[Any]) -> dict[str, Any]:
+    """An audit row (list_auth_events) as exports and `audit --json` show it."""
+    record = dict(zip(EVENT_FIELDS, row, strict=True))
+    record["at"] = _iso(record["at"])
+    for name in ("detail", "ip", "user_agent", "request_id"):
+        record[name] = record[name] or ""
+    return record
+
+
 def export_account(
     sql: SqlStore, kv: KeyValueStore, user: User, events_max: int = 1_000_000
 ) -> dict[str, Any]:
@@ -5321,35 +5338,17 @@ def export_account(
     profile["mfa_enabled"] = user.mfa_enabled
     profile["recovery_codes_left"] = count_recovery_codes(sql, user.id)
     sessions = [
-        {
-            "id": session_public_id(id_hash),
-            "created_at": _iso(created),
-            "last_seen_at": _iso(seen or created),
-            "expires_at": _iso(expires),
-            "revoked_at": _iso(revoked),
-            "user_agent": agent or "",
-            "ip": ip or "",
-        }
-        for id_hash, agent, ip, created, seen, expires, revoked in list_all_user_sessions(
-            sql, user.id
-        )
+        {**session_record(row[:6]), "revoked_at": _iso(row[6])}
+        for row in list_all_user_sessions(sql, user.id)
     ]
     links = [
         {"purpose": purpose, "email": email, "created_at": _iso(created), "expires_at": _iso(ends)}
         for purpose, email, created, ends in list_email_tokens(sql, user.id)
     ]
+    since = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     events = [
-        {
-            "at": _iso(at),
-            "event": event,
-            "detail": detail or "",
-            "ip": ip or "",
-            "user_agent": agent or "",
-            "request_id": rid or "",
-        }
-        for at, _, event, detail, ip, agent, rid in list_auth_events(
-            sql, user.id, dt.datetime(1970, 1, 1, tzinfo=dt.UTC), events_max + 1
-        )
+        {name: value for name, value in event_record(row).items() if name != "user_id"}
+        for row in list_auth_events(sql, user.id, since, events_max + 1)
     ]
     owner = history_owner(user, None)
     assert owner is not None
@@ -6012,16 +6011,7 @@ def list_sessions(s: Services, user: User) -> dict[str, Any]:
     count_account_action(s, user)
     current = token_hash(auth_token(s.cfg) or "")
     sessions = [
-        {
-            "id": session_public_id(id_hash),
-            "current": id_hash == current,
-            "created_at": _iso(created),
-            "last_seen_at": _iso(seen or created),
-            "expires_at": _iso(expires),
-            "user_agent": agent or "",
-            "ip": ip or "",
-        }
-        for id_hash, agent, ip, created, seen, expires in own_sessions(s, user)
+        {**session_record(row), "current": row[0] == current} for row in own_sessions(s, user)
     ]
     return {"ok": True, "sessions": sessions}
 
@@ -6714,14 +6704,20 @@ def serve_demo_page(s: Services) -> bytes:
     if not s.cfg.serves_demo_page:
         raise ApiError(404, *_DEFAULT_ERRORS[404])
     language = preferred_language(bottle.request.environ.get("HTTP_ACCEPT_LANGUAGE", ""))
-    page = DEMO_PAGE_HTML.replace("__LANG__", "zh-CN" if language == "zh" else "en", 1)
     bottle.response.content_type = "text/html; charset=utf-8"
     bottle.response.set_header("Content-Security-Policy", demo_page_policy())
     bottle.response.set_header("Cache-Control", "no-cache")
     bottle.response.set_header("X-Frame-Options", "DENY")
     bottle.response.set_header("Referrer-Policy", "no-referrer")
     bottle.response.set_header("Vary", "Accept-Language")
-    return page.encode("utf-8")
+    return demo_page_bytes(language)
+
+
+@functools.cache
+def demo_page_bytes(language: str) -> bytes:
+    """The page for a language ("en", "zh"), encoded once (not per request)."""
+    tag = "zh-CN" if language == "zh" else "en"
+    return DEMO_PAGE_HTML.replace("__LANG__", tag, 1).encode("utf-8")
 
 
 # -- the routing table -------------------------------------------------------------------
@@ -7497,10 +7493,7 @@ def unlock(cfg: Config, target: str) -> None:
         except ValueError:
             whose = None
         if whose is not None:
-            checks = [
-                LimitCheck(RateLimit(1, 1), action, whose) for action in ADDRESS_LIMIT_ACTIONS
-            ]
-            keys = [key for key, _, _ in rate_limit_windows(checks)]
+            keys = rate_limit_keys(ADDRESS_LIMIT_ACTIONS, whose)
             what, user_id = f"address {whose}", None
         else:
             email, phone = parse_identifier(target.strip())
@@ -7585,10 +7578,7 @@ def show_audit(
         rows = list_auth_events(sql, user_id, utcnow() - since, limit)
     for row in rows:
         if as_json:
-            names = ("at", "user_id", "event", "detail", "ip", "user_agent", "request_id")
-            record = dict(zip(names, row, strict=True))
-            record["at"] = _iso(record["at"])
-            print(json.dumps(record, ensure_ascii=False))
+            print(json.dumps(event_record(row), ensure_ascii=False))
         else:
             print(format_event(row))
 
