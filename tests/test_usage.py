@@ -985,3 +985,32 @@ def test_json_logs(make_server: ServerFactory, fake: FakeProvider) -> None:
     chats = [e for e in entries if e.get("path") == CHAT]
     assert len(chats) == 3 and all(e["status"] == 200 for e in chats), chats
     assert any("listening on" in e["message"] for e in entries)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_history_and_usage_reads_have_their_own_address_limit(
+    make_server: ServerFactory, setup: str
+) -> None:
+    """GET /chat/history and /chat/usage count together per address (RATE_CHAT_IP's rule,
+    their own counter): past it 429 with Retry-After, while chatting is not charged and
+    another address still reads; hostile cookies and 8 readers at once get clean answers."""
+    srv = make_server.start(setup, {"RATE_CHAT_IP": "6/60"})
+    mine = srv.client({"X-Forwarded-For": "198.51.100.7"})
+    assert mine.post(CHAT, {"message": "hello"}).status == 200
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda _: mine.get("/chat/history"), range(4)))
+    assert [a.status for a in answers] == [200] * 4, answers
+    assert all(a.json() == answers[0].json() for a in answers), answers
+    assert len(answers[0].json()["messages"]) == 2, answers[0].json()
+    assert mine.get("/chat/usage").status == 200  # the 5th read of the address
+    assert mine.get("/chat/history").status == 200  # the 6th, the last one allowed
+    refused = mine.get("/chat/history")
+    assert refused.status == 429 and refused.json()["code"] == "rate_limited", refused
+    assert int(refused.header("Retry-After") or 0) > 0, refused.headers
+    assert mine.get("/chat/usage").status == 429
+    other = srv.client({"X-Forwarded-For": "198.51.100.8"})
+    other.cookies["cc_app"] = "x" * 5000
+    empty = other.get("/chat/history")
+    assert empty.status == 200 and empty.json() == {"ok": True, "messages": []}, empty
+    other.cookies["cc_app"] = "not-one-of-ours.\x7f"
+    assert other.get("/chat/usage").json()["today"]["tokens"] == 0
