@@ -78,6 +78,7 @@ import random
 import re
 import resource
 import secrets
+import select
 import signal
 import smtplib
 import socket
@@ -112,8 +113,9 @@ __version__ = "0.1.0"
 
 log = logging.getLogger("cloudchat")
 
-# select() as the kernel offers it, unpatched: used with a zero timeout only.
-_real_select = gevent.monkey.get_original("select", "select")
+# poll() as the kernel offers it, unpatched: used with a zero timeout only. (Not select():
+# it refuses descriptors above 1023, which a busy server with LimitNOFILE=8192 hands out.)
+_real_poll = gevent.monkey.get_original("select", "poll")
 
 
 ###############################################################################
@@ -279,6 +281,8 @@ class Config:
     chat_max_chars: int = _setting("CHAT_MAX_CHARS", 4000, "integer", 1, 1_000_000)
     chat_max_reply_chars: int = _setting("CHAT_MAX_REPLY_CHARS", 32000, "integer", 100, 10_000_000)
     chat_busy_streams: int = _setting("CHAT_BUSY_STREAMS", 100, "integer", 0, 1_000_000)
+    chat_pool_idle_seconds: float = _setting("CHAT_POOL_IDLE_SECONDS", 60.0, "number", 1, 3600)
+    chat_pool_max_idle: int = _setting("CHAT_POOL_MAX_IDLE", 1000, "integer", 0, 100_000)
     chat_history_ttl: int = _setting("CHAT_HISTORY_TTL", 3600, "integer", 60, 30 * 86400)
     chat_require_auth: bool = _setting("CHAT_REQUIRE_AUTH", False, "flag")
     rate_chat_visitor: RateLimit = _setting("RATE_CHAT_VISITOR", RateLimit(20, 60), "rate")
@@ -914,6 +918,9 @@ class Metrics:
         "cloudchat_auth_events_total": "Account events (logins by outcome, logouts, ...)",
         "cloudchat_rate_limited_total": "Attempts refused by a rate limit, by action",
         "cloudchat_provider_failures_total": "Model provider failures, by provider and kind",
+        "cloudchat_provider_connections_total": (
+            "Provider connections used: reused idle, new plain, new TLS (full or resumed)"
+        ),
         "cloudchat_chat_tokens_total": "Tokens relayed, by provider and kind",
         "cloudchat_chat_budget_refusals_total": "Chats refused over a daily token budget",
         "cloudchat_mails_total": "Account mails, by kind and outcome",
@@ -1404,11 +1411,12 @@ def _gevent_wait_callback(timeout: float) -> Callable[[Any], None]:
 
 def _socket_has_input(fileno: int) -> bool:
     """True if a socket has bytes (or EOF) waiting; never blocks."""
+    poller = _real_poll()
     try:
-        readable, _, _ = _real_select([fileno], [], [], 0)
+        poller.register(fileno, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 class SqliteStore(SqlStore):
@@ -3808,7 +3816,8 @@ class Mailer:
 # is not a token: give up instead of buffering.
 _SSE_MAX_LINE = 1024 * 1024
 _SSE_MAX_EVENT = 1024 * 1024
-_UPSTREAM_IDLE_PER_HOST = 4
+# Idle connections kept per host however quiet it has been; more are kept after a burst.
+_UPSTREAM_IDLE_MIN = 4
 # How long a provider's resolved addresses are used before asking the resolver again.
 _UPSTREAM_DNS_SECONDS = 60.0
 
@@ -3844,48 +3853,83 @@ def chat_request_body(cfg: Config, provider: ProviderConfig, messages: list[dict
 
 
 class UpstreamPool:
-    """Keep-alive connections to the providers: a few idle ones per host, checked on reuse."""
+    """Keep-alive connections to the providers, and their TLS sessions.
 
-    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+    A burst of 500 visitors opens 500 provider connections at once. After it, as many idle
+    connections are kept per host as were in use at once within the last `idle_seconds`
+    (at least _UPSTREAM_IDLE_MIN, at most `max_idle`), each closed once idle that long: the
+    next burst reuses them instead of paying a TCP and TLS handshake per visitor, and a
+    quiet server lets them go. A new TLS connection offers the host's newest session
+    ticket: a resumed handshake skips the certificate chain on both sides.
+    """
+
+    def __init__(
+        self, connect_timeout: float, read_timeout: float, idle_seconds: float, max_idle: int
+    ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._idle_seconds = idle_seconds
+        self._max_idle = max_idle
+        # Per host: idle (returned at, connection) pairs, oldest first; taken newest first.
+        self._idle: dict[tuple[str, str, int], list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._in_use: dict[tuple[str, str, int], int] = {}
+        # Per host: the most connections in use at once, and since when that is the figure.
+        self._peak: dict[tuple[str, str, int], tuple[int, float]] = {}
+        self._sessions: dict[tuple[str, str, int], ssl.SSLSession] = {}
         self._tls = ssl.create_default_context()  # one CA store for every connection
         self._addresses: dict[tuple[str, int], tuple[float, list[Any]]] = {}
         self._resolving = threading.Lock()
+        self._sweeper: gevent.Greenlet | None = None
 
     def take(self, url: urllib.parse.SplitResult) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection to the URL's host and whether it was reused."""
+        """A connection to the URL's host and whether it was reused; give_back() or
+        discard() it when done."""
         key = _host_key(url)
         idle = self._idle.get(key, [])
+        conn: http.client.HTTPConnection | None = None
         while idle:
-            conn = idle.pop()
-            if conn.sock is not None and not _socket_has_input(conn.sock.fileno()):
-                conn.sock.settimeout(self._read_timeout)
-                return conn, True
-            conn.close()  # the provider closed it while it idled
-        conn: http.client.HTTPConnection
-        if url.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                key[1], key[2], timeout=self._connect_timeout, context=self._tls
-            )
-        else:
-            conn = http.client.HTTPConnection(key[1], key[2], timeout=self._connect_timeout)
-        # http.client's hook for opening the socket (it wraps TLS around it afterwards):
-        # our addresses instead of a resolver call per connection.
-        conn._create_connection = self._open_socket  # type: ignore[attr-defined]
-        try:
-            conn.connect()
-        except OSError:
-            conn.close()
-            raise
-        assert conn.sock is not None
-        conn.sock.settimeout(self._read_timeout)  # from now on: the idle read timeout
-        return conn, False
+            _, candidate = idle.pop()
+            if candidate.sock is not None and not _socket_has_input(candidate.sock.fileno()):
+                candidate.sock.settimeout(self._read_timeout)
+                conn = candidate
+                break
+            candidate.close()  # the provider closed it while it idled
+        reused = conn is not None
+        if conn is None:
+            conn = self._connect(key)
+        in_use = self._in_use[key] = self._in_use.get(key, 0) + 1
+        peak, since = self._peak.get(key, (0, 0.0))
+        if in_use >= peak or time.monotonic() - since > self._idle_seconds:
+            self._peak[key] = (in_use, time.monotonic())
+        if reused:
+            metrics.count("cloudchat_provider_connections_total", kind="reused")
+        return conn, reused
 
-    def _open_socket(
-        self, address: tuple[str, int], timeout: float, source_address: Any = None
-    ) -> socket.socket:
+    def _connect(self, key: tuple[str, str, int]) -> http.client.HTTPConnection:
+        """A new connection, TLS handshake done (resumed when the host's ticket is taken)."""
+        scheme, host, port = key
+        conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+        conn.default_port = 443 if scheme == "https" else 80  # the Host header's port
+        conn.auto_open = 0  # never a connection of http.client's own making
+        sock = self._open_socket((host, port), self._connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                sock = self._tls.wrap_socket(
+                    sock, server_hostname=host, session=self._sessions.get(key)
+                )
+                kind = "tls_resumed" if sock.session_reused else "tls_full"
+            else:
+                kind = "plain"
+            sock.settimeout(self._read_timeout)  # from now on: the idle read timeout
+        except (OSError, ValueError):
+            sock.close()
+            raise
+        conn.sock = sock
+        metrics.count("cloudchat_provider_connections_total", kind=kind)
+        return conn
+
+    def _open_socket(self, address: tuple[str, int], timeout: float) -> socket.socket:
         """A TCP connection to the first of the host's addresses that accepts one."""
         error: OSError = OSError(f"no address for {address[0]}")
         for family, kind, proto, _, sockaddr in self._resolve(*address):
@@ -3919,19 +3963,72 @@ class UpstreamPool:
                 self._addresses[(host, port)] = (time.monotonic() + _UPSTREAM_DNS_SECONDS, found)
             return found
 
+    def answered(self, url: urllib.parse.SplitResult, conn: http.client.HTTPConnection) -> None:
+        """A new connection got its response head: keep its TLS session for the next one.
+
+        (TLS 1.3 sends the ticket after the handshake; by the response it has arrived.)
+        """
+        session = getattr(conn.sock, "session", None)
+        if session is not None and session.has_ticket:
+            self._sessions[_host_key(url)] = session
+
     def give_back(self, url: urllib.parse.SplitResult, conn: http.client.HTTPConnection) -> None:
-        """Keep a connection whose response was read to the end, or close it."""
-        idle = self._idle.setdefault(_host_key(url), [])
-        if len(idle) < _UPSTREAM_IDLE_PER_HOST:
-            idle.append(conn)
+        """Keep a connection whose response was read to the end (or close it, when as many
+        are idle as the host needed lately)."""
+        key = _host_key(url)
+        self._release(key)
+        idle = self._idle.setdefault(key, [])
+        now = time.monotonic()
+        self._close_expired(idle, now)
+        peak, since = self._peak.get(key, (0, 0.0))
+        recent = peak if now - since <= self._idle_seconds else 0
+        if len(idle) < min(self._max_idle, max(_UPSTREAM_IDLE_MIN, recent)):
+            idle.append((now, conn))
+            if self._sweeper is None:
+                self._sweeper = gevent.spawn(self._sweep)
         else:
             conn.close()
 
+    def discard(self, url: urllib.parse.SplitResult, conn: http.client.HTTPConnection) -> None:
+        """Close a connection that cannot carry another request."""
+        self._release(_host_key(url))
+        conn.close()
+
+    def _release(self, key: tuple[str, str, int]) -> None:
+        self._in_use[key] = max(0, self._in_use.get(key, 0) - 1)
+
+    def _close_expired(
+        self, idle: list[tuple[float, http.client.HTTPConnection]], now: float
+    ) -> None:
+        expired = 0
+        while expired < len(idle) and now - idle[expired][0] > self._idle_seconds:
+            idle[expired][1].close()
+            expired += 1
+        del idle[:expired]
+
+    def _sweep(self) -> None:
+        """While connections idle: close those idle longer than idle_seconds, so a quiet
+        server holds no descriptors (nor buffers) for a burst long gone."""
+        try:
+            while any(self._idle.values()):
+                gevent.sleep(max(1.0, self._idle_seconds / 4))
+                now = time.monotonic()
+                for idle in self._idle.values():
+                    self._close_expired(idle, now)
+        finally:
+            self._sweeper = None
+
+    def idle_count(self) -> int:
+        """Idle connections kept now, all hosts."""
+        return sum(len(idle) for idle in self._idle.values())
+
     def close(self) -> None:
         """Close every idle connection."""
+        if self._sweeper is not None:
+            self._sweeper.kill()
         for idle in self._idle.values():
             while idle:
-                idle.pop().close()
+                idle.pop()[1].close()
 
 
 def _host_key(url: urllib.parse.SplitResult) -> tuple[str, str, int]:
@@ -3951,8 +4048,11 @@ class ResponseBody:
     would still write them to the visitor one system call each.
     """
 
-    def __init__(self, response: http.client.HTTPResponse) -> None:
+    def __init__(self, response: http.client.HTTPResponse, sock: Any = None) -> None:
         self._fp = response.fp
+        # A TLS socket's read returns one TLS record, and providers send each event as a
+        # record of its own: reads go on while more has arrived (see _read_arrived).
+        self._tls = sock if hasattr(sock, "pending") else None
         self._chunked = response.chunked
         self._left = response.length  # without chunking: bytes to come (None: until EOF)
         self._pending = b""  # chunk framing not yet complete
@@ -3977,7 +4077,7 @@ class ResponseBody:
             if self._left == 0:
                 self.complete = True
                 return b""
-            data = self._fp.read1(65536 if self._left is None else min(65536, self._left))
+            data = self._read_arrived(65536 if self._left is None else min(65536, self._left))
             if not data:
                 if self._left:
                     raise ValueError("connection closed before the end of the body")
@@ -3988,7 +4088,7 @@ class ResponseBody:
         while not self.complete:
             if self._broken is not None:
                 raise self._broken
-            data = self._fp.read1(65536)
+            data = self._read_arrived(65536)
             if not data:
                 raise ValueError("connection closed inside a chunked body")
             out: list[bytes] = []
@@ -4001,6 +4101,20 @@ class ResponseBody:
             if out:
                 return b"".join(out)
         return b""
+
+    def _read_arrived(self, limit: int) -> bytes:
+        """Up to limit bytes: what has arrived, waiting for some if nothing has."""
+        data = self._fp.read1(limit)
+        if self._tls is None or not data:
+            return data
+        parts, size = [data], len(data)
+        while size < limit and (self._tls.pending() or _socket_has_input(self._tls.fileno())):
+            more = self._fp.read1(limit - size)  # (the rest of a record may still be due)
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts)
 
     def _dechunk(self, buf: bytes, out: list[bytes]) -> None:
         """Append the chunk data in buf to out; keep an incomplete tail for the next read."""
@@ -4056,7 +4170,7 @@ class ChatStream:
         self._pool = pool
         self._conn = conn
         self._response = response
-        self._body = ResponseBody(response)
+        self._body = ResponseBody(response, conn.sock)
         self._finished = False
 
     def events(self) -> Iterator[list[tuple[str, Any]]]:
@@ -4166,7 +4280,7 @@ class ChatStream:
                     return
             except (OSError, ValueError) as exc:
                 log.debug("provider connection not reusable: %s", exc)
-        self._conn.close()
+        self._pool.discard(self._url, self._conn)
 
 
 def open_chat_stream(
@@ -4184,7 +4298,7 @@ def open_chat_stream(
     for attempt in (1, 2):
         try:
             conn, reused = pool.take(url)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise ProviderError(provider.name, "network", f"connect failed: {exc}") from exc
         sent_at = time.monotonic()
         try:
@@ -4192,7 +4306,7 @@ def open_chat_stream(
             response = conn.getresponse()
             break
         except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+            pool.discard(url, conn)
             # A kept-alive connection the provider had already closed fails at once: try
             # once more on a fresh one. A timeout, or a close after the provider held the
             # request a while, means it had the request: sending it again would bill twice.
@@ -4200,12 +4314,14 @@ def open_chat_stream(
             if reused and stale and attempt == 1 and time.monotonic() - sent_at < 0.5:
                 continue
             raise ProviderError(provider.name, "network", f"no answer: {exc!r}") from exc
+    if not reused:
+        pool.answered(url, conn)
     if response.status != 200:
         try:
             detail = response.read(2000).decode("utf-8", "replace")
         except (OSError, http.client.HTTPException):
             detail = ""
-        conn.close()
+        pool.discard(url, conn)
         kind = (
             "auth"
             if response.status in (401, 402, 403)
@@ -4568,7 +4684,12 @@ class ChatRelay:
         self._cfg = cfg
         self._kv = kv
         self._sql = sql
-        self.upstream = UpstreamPool(cfg.chat_connect_timeout, cfg.chat_read_timeout)
+        self.upstream = UpstreamPool(
+            cfg.chat_connect_timeout,
+            cfg.chat_read_timeout,
+            cfg.chat_pool_idle_seconds,
+            cfg.chat_pool_max_idle,
+        )
         self.open_streams = 0  # chat answers being relayed right now
         self._live: set[ChatStream] = set()
         self._stopping = False  # the grace is over: a stream still waiting gets a 503

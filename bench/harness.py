@@ -236,6 +236,49 @@ def start_provider(workdir: Path) -> LoggedProcess:
     return LoggedProcess(argv, dict(os.environ), workdir / "provider.log")
 
 
+@dataclasses.dataclass
+class TestCa:
+    """A CA made for one run and a certificate for 127.0.0.1 it signed (ECDSA P-256, as
+    most large HTTPS front ends serve): the server trusts it through SSL_CERT_FILE, the
+    CA path every OpenSSL client reads."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, folder: Path) -> TestCa:
+        """openssl's command line: a CA, then the provider's key and certificate."""
+        ca, ca_key = folder / "test-ca.pem", folder / "test-ca.key"
+        cert, key, csr = folder / "provider.pem", folder / "provider.key", folder / "provider.csr"
+        extensions = folder / "provider.ext"
+        extensions.write_text(
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+            "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+            "authorityKeyIdentifier=keyid\n"
+        )
+        curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for argv in (
+            ["req", "-x509", *curve, "-keyout", ca_key, "-out", ca, "-days", "2",
+             "-subj", "/CN=CloudChat bench test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ["req", *curve, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", extensions],
+        ):  # fmt: skip
+            subprocess.run(["openssl", *map(str, argv)], check=True, capture_output=True)
+        return cls(ca, cert, key)
+
+
+def start_stream_provider(workdir: Path, ca: TestCa) -> tuple[LoggedProcess, int]:
+    """bench/stream_provider.py: the process (its port: plain HTTP) and its HTTPS port."""
+    argv = [sys.executable, str(BENCH / "stream_provider.py"), "--cert", str(ca.cert)]
+    provider = LoggedProcess([*argv, "--key", str(ca.key)], dict(os.environ), workdir / "sp.log")
+    tls_port = re.search(r" tls (\d+)", provider.log_text())
+    assert tls_port is not None
+    return provider, int(tls_port.group(1))
+
+
 def provider_call(port: int, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
     """GET /stats or POST /control on the fake provider."""
     answer = Client(port, timeout=5).exchange(method, path, body, keep=False)

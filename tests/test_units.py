@@ -318,7 +318,7 @@ def chat_stream(upstream: Upstream) -> cloudchat.ChatStream:
     response = upstream.response(CHUNKED)
     url = urllib.parse.urlsplit("http://provider.invalid")
     conn = http.client.HTTPConnection("provider.invalid")
-    pool = cloudchat.UpstreamPool(1.0, 1.0)
+    pool = cloudchat.UpstreamPool(1.0, 1.0, 60.0, 4)
     return cloudchat.ChatStream("fake", url, pool, conn, response)
 
 
