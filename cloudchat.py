@@ -66,7 +66,6 @@ import functools
 import gc
 import hashlib
 import hmac
-import html
 import http.client
 import ipaddress
 import itertools
@@ -90,6 +89,7 @@ import time
 import urllib.parse
 import uuid
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, TextIO
 
@@ -781,6 +781,17 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
+
+
+_HTML_ESCAPES = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"}
+)
+
+
+def html_escape(text: str) -> str:
+    """Text safe inside HTML, quotes included: html.escape's replacements. (The html module
+    loads its table of 2,231 named entities, half a megabyte, to offer unescape.)"""
+    return text.translate(_HTML_ESCAPES)
 
 
 def _escape(text: str) -> str:
@@ -3659,7 +3670,7 @@ def build_message(cfg: Config, mail: Mail) -> email.message.EmailMessage:
     message["Message-ID"] = email.utils.make_msgid(domain=cfg.mail_from.rpartition("@")[2])
     message.set_content(mail.text)
     paragraphs = "".join(
-        f"<p>{_linkify(html.escape(block)).replace(chr(10), '<br>')}</p>"
+        f"<p>{_linkify(html_escape(block)).replace(chr(10), '<br>')}</p>"
         for block in mail.text.strip().split("\n\n")
     )
     message.add_alternative(
@@ -3852,6 +3863,61 @@ def chat_request_body(cfg: Config, provider: ProviderConfig, messages: list[dict
     return _json_bytes(body)
 
 
+# Chat set-up steps (a request's checks and history, a TLS handshake's crypto) run at most
+# this many per turn of the event loop: see TurnGate.
+CHAT_SETUPS_PER_TURN = 16
+
+
+class TurnGate:
+    """At most `per_turn` callers pass per turn of the event loop; the others wait for
+    later turns, first come first served.
+
+    gevent runs every greenlet whose socket became ready before it looks at the sockets
+    again. When 500 chats arrive together, 500 set-ups (a millisecond of CPU each, more
+    with a TLS handshake) would run back to back, and a health probe or a login that came
+    in meanwhile would wait for all of them. Through the gate, they wait for 16; the
+    burst's total CPU, and so its end, is the same.
+    """
+
+    def __init__(self, per_turn: int) -> None:
+        self._per_turn = per_turn
+        self._used = 0  # passed in the current turn
+        self._waiting: deque[gevent.event.Event] = deque()
+        self._turn_end: Any = None  # a timer that fires in the loop's next turn
+
+    def wait_turn(self) -> None:
+        """Return at once if this turn has room, else when a later one has."""
+        if self._turn_end is None:
+            self._used = 0
+            self._start_timer()
+        if self._used < self._per_turn and not self._waiting:
+            self._used += 1
+            return
+        ready = gevent.event.Event()
+        self._waiting.append(ready)
+        ready.wait()
+
+    @property
+    def queued(self) -> bool:
+        """Callers are waiting for a turn: a burst is being set up."""
+        return bool(self._waiting)
+
+    def _start_timer(self) -> None:
+        # A timer due at once fires after the loop has polled its sockets: a new turn.
+        self._turn_end = gevent.get_hub().loop.timer(0.0)
+        self._turn_end.start(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn_end.close()
+        self._turn_end = None
+        self._used = 0
+        while self._waiting and self._used < self._per_turn:
+            self._used += 1
+            self._waiting.popleft().set()
+        if self._used:  # those let through count against this turn, not a fresh one
+            self._start_timer()
+
+
 class UpstreamPool:
     """Keep-alive connections to the providers, and their TLS sessions.
 
@@ -3864,8 +3930,14 @@ class UpstreamPool:
     """
 
     def __init__(
-        self, connect_timeout: float, read_timeout: float, idle_seconds: float, max_idle: int
+        self,
+        connect_timeout: float,
+        read_timeout: float,
+        idle_seconds: float,
+        max_idle: int,
+        gate: TurnGate | None = None,
     ) -> None:
+        self._gate = gate
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._idle_seconds = idle_seconds
@@ -3875,8 +3947,11 @@ class UpstreamPool:
         self._in_use: dict[tuple[str, str, int], int] = {}
         # Per host: the most connections in use at once, and since when that is the figure.
         self._peak: dict[tuple[str, str, int], tuple[int, float]] = {}
-        self._sessions: dict[tuple[str, str, int], ssl.SSLSession] = {}
-        self._tls = ssl.create_default_context()  # one CA store for every connection
+        # Per host: the newest TLS session with a ticket, and when it was kept.
+        self._sessions: dict[tuple[str, str, int], tuple[float, ssl.SSLSession]] = {}
+        # One CA store for every connection, loaded at the first https one: loading the
+        # system's store costs 1.8 MB, not worth holding for plain HTTP or the echo provider.
+        self._tls: ssl.SSLContext | None = None
         self._addresses: dict[tuple[str, int], tuple[float, list[Any]]] = {}
         self._resolving = threading.Lock()
         self._sweeper: gevent.Greenlet | None = None
@@ -3898,9 +3973,7 @@ class UpstreamPool:
         if conn is None:
             conn = self._connect(key)
         in_use = self._in_use[key] = self._in_use.get(key, 0) + 1
-        peak, since = self._peak.get(key, (0, 0.0))
-        if in_use >= peak or time.monotonic() - since > self._idle_seconds:
-            self._peak[key] = (in_use, time.monotonic())
+        self._note_in_use(key, in_use)
         if reused:
             metrics.count("cloudchat_provider_connections_total", kind="reused")
         return conn, reused
@@ -3915,9 +3988,15 @@ class UpstreamPool:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
                 sock = self._tls.wrap_socket(
-                    sock, server_hostname=host, session=self._sessions.get(key)
+                    sock,
+                    server_hostname=host,
+                    session=self._sessions.get(key, (0.0, None))[1],
+                    do_handshake_on_connect=False,
                 )
+                self._handshake(sock)
                 kind = "tls_resumed" if sock.session_reused else "tls_full"
             else:
                 kind = "plain"
@@ -3928,6 +4007,25 @@ class UpstreamPool:
         conn.sock = sock
         metrics.count("cloudchat_provider_connections_total", kind=kind)
         return conn
+
+    def _handshake(self, sock: ssl.SSLSocket) -> None:
+        """The TLS handshake, each step's crypto through the gate (if any)."""
+        deadline = time.monotonic() + self._connect_timeout
+        sock.settimeout(0.0)  # do_handshake() returns at each wait instead of waiting
+        while True:
+            if self._gate is not None:
+                self._gate.wait_turn()
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                wait = gevent.socket.wait_read
+            except ssl.SSLWantWriteError:
+                wait = gevent.socket.wait_write
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("TLS handshake timed out")
+            wait(sock.fileno(), timeout=left, timeout_exc=TimeoutError("TLS handshake timed out"))
 
     def _open_socket(self, address: tuple[str, int], timeout: float) -> socket.socket:
         """A TCP connection to the first of the host's addresses that accepts one."""
@@ -3964,13 +4062,18 @@ class UpstreamPool:
             return found
 
     def answered(self, url: urllib.parse.SplitResult, conn: http.client.HTTPConnection) -> None:
-        """A new connection got its response head: keep its TLS session for the next one.
+        """A new connection got its response head: keep its TLS session for the next ones,
+        unless one kept less than a second ago still does (reading it costs 50 us).
 
         (TLS 1.3 sends the ticket after the handshake; by the response it has arrived.)
         """
+        key = _host_key(url)
+        kept_at, _ = self._sessions.get(key, (-1.0, None))
+        if time.monotonic() - kept_at < 1.0 and getattr(conn.sock, "session_reused", False):
+            return
         session = getattr(conn.sock, "session", None)
         if session is not None and session.has_ticket:
-            self._sessions[_host_key(url)] = session
+            self._sessions[key] = (time.monotonic(), session)
 
     def give_back(self, url: urllib.parse.SplitResult, conn: http.client.HTTPConnection) -> None:
         """Keep a connection whose response was read to the end (or close it, when as many
@@ -3995,7 +4098,17 @@ class UpstreamPool:
         conn.close()
 
     def _release(self, key: tuple[str, str, int]) -> None:
-        self._in_use[key] = max(0, self._in_use.get(key, 0) - 1)
+        # A connection in use up to now counts as recent use: a burst of answers longer
+        # than idle_seconds is still what the next burst will look like.
+        in_use = self._in_use.get(key, 0)
+        self._note_in_use(key, in_use)
+        self._in_use[key] = max(0, in_use - 1)
+
+    def _note_in_use(self, key: tuple[str, str, int], in_use: int) -> None:
+        """Raise the recent peak to in_use, or start it afresh once it is too old."""
+        peak, since = self._peak.get(key, (0, 0.0))
+        if in_use >= peak or time.monotonic() - since > self._idle_seconds:
+            self._peak[key] = (in_use, time.monotonic())
 
     def _close_expired(
         self, idle: list[tuple[float, http.client.HTTPConnection]], now: float
@@ -4053,6 +4166,10 @@ class ResponseBody:
         # A TLS socket's read returns one TLS record, and providers send each event as a
         # record of its own: reads go on while more has arrived (see _read_arrived).
         self._tls = sock if hasattr(sock, "pending") else None
+        self._arrived: Any = None  # a poll object watching the TLS socket
+        if self._tls is not None:
+            self._arrived = _real_poll()
+            self._arrived.register(self._tls.fileno(), select.POLLIN)
         self._chunked = response.chunked
         self._left = response.length  # without chunking: bytes to come (None: until EOF)
         self._pending = b""  # chunk framing not yet complete
@@ -4108,7 +4225,7 @@ class ResponseBody:
         if self._tls is None or not data:
             return data
         parts, size = [data], len(data)
-        while size < limit and (self._tls.pending() or _socket_has_input(self._tls.fileno())):
+        while size < limit and (self._tls.pending() or self._arrived.poll(0)):
             more = self._fp.read1(limit - size)  # (the rest of a record may still be due)
             if not more:
                 break
@@ -4668,6 +4785,11 @@ class HangupWatch:
 
 
 CHAT_BUSY_FLUSH_SECONDS = 0.05  # 20 writes a second: still a smooth stream to read
+# While a burst of chats waits to be set up, streams already answering write less often:
+# the loop's time goes to the first tokens of those still waiting for one. (Each wait is
+# drawn from half to one and a half times these, so that streams begun together do not
+# all wake in the same turn.)
+CHAT_BURST_FLUSH_SECONDS = 0.2
 CHAT_FAILURES = {
     "auth": (503, "chat_unavailable", "Chat is unavailable right now"),
     "rate": (429, "provider_rate_limited", "The model provider is busy, try again shortly"),
@@ -4684,11 +4806,13 @@ class ChatRelay:
         self._cfg = cfg
         self._kv = kv
         self._sql = sql
+        self.setup_gate = TurnGate(CHAT_SETUPS_PER_TURN)
         self.upstream = UpstreamPool(
             cfg.chat_connect_timeout,
             cfg.chat_read_timeout,
             cfg.chat_pool_idle_seconds,
             cfg.chat_pool_max_idle,
+            self.setup_gate,
         )
         self.open_streams = 0  # chat answers being relayed right now
         self._live: set[ChatStream] = set()
@@ -4794,8 +4918,10 @@ class ChatRelay:
                     lines.append(_json_bytes({kind: value}) + b"\n")
                 if lines:
                     yield b"".join(lines)
-                    if self.open_streams > cfg.chat_busy_streams:
-                        gevent.sleep(CHAT_BUSY_FLUSH_SECONDS)
+                    if self.setup_gate.queued:
+                        gevent.sleep(CHAT_BURST_FLUSH_SECONDS * (0.5 + random.random()))
+                    elif self.open_streams > cfg.chat_busy_streams:
+                        gevent.sleep(CHAT_BUSY_FLUSH_SECONDS * (0.5 + random.random()))
             answer = "".join(reply)
             if answer and owner is not None:
                 try:
@@ -6235,6 +6361,7 @@ def change_password(s: Services, user: User) -> dict[str, Any]:
 
 def chat(s: Services) -> Any:
     """POST /deepseek_chat: the model's answer as NDJSON lines, streamed as it is written."""
+    s.chat.setup_gate.wait_turn()  # a burst of chats lets other requests through
     cfg = s.cfg
     user = current_user(s)
     if cfg.chat_require_auth and user is None:

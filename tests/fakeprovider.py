@@ -6,6 +6,10 @@ or, on demand, events and multi-byte UTF-8 characters are cut across chunks. Rep
 from a script (a queue per path, then a sticky default); every request is recorded, and
 every connection remembers when it closed and whether the client closed it.
 
+With `tls` (a server-side ssl.SSLContext) it speaks HTTPS instead: each connection's thread
+does the handshake before reading a request, and the connection records whether the
+handshake resumed a session (or why it failed).
+
 bench/provider.py runs it under gevent (a greenlet per connection) as the benchmarks'
 provider, with recording off.
 """
@@ -17,6 +21,7 @@ import functools
 import json
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -29,6 +34,7 @@ GATE_LIMIT = 20.0  # longest a reply waits on its gate before it goes on anyway
 HANG_LIMIT = 30.0  # longest a hanging or stalled reply holds its connection
 POLL_SLICE = 0.02
 SPLIT_GAP = 0.005  # between the pieces of a split event, so they reach the peer apart
+HANDSHAKE_LIMIT = 10.0  # longest a TLS handshake may take before the connection is dropped
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -131,6 +137,11 @@ class Connection:
     closed_at: float | None = None
     client_closed: bool = False  # the peer went away (rather than the provider closing)
     requests: int = 0
+    resumed: bool | None = None  # TLS: the handshake resumed a session; None: plain TCP
+    handshake_error: str | None = None  # TLS: why the handshake failed (then it is closed)
+    # TLS: request bytes read while watching for the peer going away (an SSL socket has
+    # no MSG_PEEK); the next read of a request takes them first.
+    held: bytes = b""
 
     def mark_closed(self, by_client: bool) -> None:
         """Record that the connection is over."""
@@ -265,10 +276,13 @@ def _content_event(piece: str) -> str:
 class FakeProvider:
     """The fake provider: start it, script replies, read what it received, stop it."""
 
-    def __init__(self, record: bool = True, watch: bool = True) -> None:
+    def __init__(
+        self, record: bool = True, watch: bool = True, tls: ssl.SSLContext | None = None
+    ) -> None:
         """Listen on an ephemeral loopback port and accept in a background thread."""
         self.record = record  # False: requests are not kept (a long benchmark)
         self.watch = watch  # False: a pause between tokens is a plain sleep (cheaper)
+        self.tls = tls  # a server-side context: HTTPS, each connection wrapped in its thread
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._queues: dict[str | None, collections.deque[Reply]] = collections.defaultdict(
@@ -291,7 +305,8 @@ class FakeProvider:
 
     def url(self, prefix: str = "") -> str:
         """A base URL for the server under test (requests go to <base>/chat/completions)."""
-        return f"http://127.0.0.1:{self.port}{prefix}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}{prefix}"
 
     def script(self, *replies: Reply, path: str | None = None) -> None:
         """Queue replies, consumed one per request (only by requests to `path` when given)."""
@@ -339,6 +354,11 @@ class FakeProvider:
         with self._lock:
             return len(self._connections)
 
+    def connections(self) -> list[Connection]:
+        """Every connection accepted since start, oldest first (open or closed)."""
+        with self._lock:
+            return list(self._connections)
+
     def stop(self) -> None:
         """Stop accepting, wake and close every connection, join every thread."""
         self._closing.set()
@@ -382,6 +402,8 @@ class FakeProvider:
         """Answer requests on one keep-alive connection until either side ends it."""
         by_client = False
         buffer = b""
+        if self.tls is not None and not self._handshake(conn, self.tls):
+            return
         try:
             while not self._closing.is_set():
                 parsed = self._read_request(conn, buffer)
@@ -405,8 +427,40 @@ class FakeProvider:
                 pass
             conn.mark_closed(by_client)
 
+    def _handshake(self, conn: Connection, context: ssl.SSLContext) -> bool:
+        """Wrap the connection's socket in TLS and do the server's handshake; False (the
+        connection closed, the error recorded) when it fails, e.g. the client refused the
+        certificate."""
+        try:
+            wrapped = context.wrap_socket(
+                conn.sock, server_side=True, do_handshake_on_connect=False
+            )
+        except (OSError, ValueError) as exc:
+            conn.handshake_error = f"{type(exc).__name__}: {exc}"
+            conn.mark_closed(by_client=True)
+            return False
+        with self._lock:
+            conn.sock = wrapped  # stop() shuts down the wrapped socket from now on
+        try:
+            wrapped.settimeout(HANDSHAKE_LIMIT)
+            wrapped.do_handshake()
+            wrapped.settimeout(None)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            conn.handshake_error = f"{type(exc).__name__}: {exc}"
+            try:
+                wrapped.close()
+            except OSError:
+                pass
+            conn.mark_closed(by_client=True)
+            return False
+        conn.resumed = wrapped.session_reused
+        return True
+
     def _recv(self, conn: Connection) -> bytes:
         """Receive some bytes; b'' when the peer closed."""
+        if conn.held:
+            data, conn.held = conn.held, b""
+            return data
         try:
             return conn.sock.recv(65536)
         except OSError:
@@ -516,6 +570,11 @@ class FakeProvider:
             if tick is not None and every > 0 and now >= next_tick:
                 tick()
                 next_tick = now + every
+            if isinstance(conn.sock, ssl.SSLSocket):
+                if conn.sock.pending() or poller.poll(min(POLL_SLICE, deadline - now) * 1000):
+                    self._hold_tls_input(conn)
+                    self._closing.wait(POLL_SLICE)
+                continue
             if poller.poll(min(POLL_SLICE, deadline - now) * 1000):
                 try:
                     peeked = conn.sock.recv(1, socket.MSG_PEEK)
@@ -525,6 +584,27 @@ class FakeProvider:
                     raise ClientGone("EOF")
                 # Bytes of a next request while this one streams: leave them, wait a slice.
                 self._closing.wait(POLL_SLICE)
+
+    def _hold_tls_input(self, conn: Connection) -> None:
+        """While a reply streams over TLS: read what the peer sent without blocking and keep
+        it for the next request, raising ClientGone at its end (a TLS socket cannot peek)."""
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        sock.setblocking(False)
+        try:
+            data = sock.recv(65536)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return  # only part of a record has arrived
+        except OSError as exc:
+            raise ClientGone(str(exc)) from exc
+        finally:
+            try:
+                sock.setblocking(True)
+            except OSError:
+                pass
+        if not data:
+            raise ClientGone("EOF")
+        conn.held += data
 
     def _answer(self, conn: Connection, request: Recorded, reply: Reply) -> bool:
         """Answer one request as scripted; True when the connection can serve another."""

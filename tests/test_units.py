@@ -917,3 +917,35 @@ def test_forwarded_proto_counts_only_from_a_trusted_proxy() -> None:
     env["REMOTE_ADDR"] = "127.0.0.1"
     assert cloudchat.cross_site_refusal(env, nobody, SITE) is True
     assert cloudchat.cross_site_refusal(env, cloudchat.Config(), SITE) is False
+
+
+def test_turn_gate_lets_a_ready_request_in_between_a_burst_of_set_ups() -> None:
+    """40 chat set-ups arrive at once: 3 pass per turn of the loop, in arrival order, and a
+    request whose socket is ready gets its turn after a few of them, not after all 40."""
+    import gevent
+    import gevent.socket
+
+    gate = cloudchat.TurnGate(3)
+    passed: list[int] = []
+    seen_by_probe: list[int] = []
+
+    def set_up(number: int) -> None:
+        gate.wait_turn()
+        passed.append(number)
+
+    def probe(sock: socket.socket) -> None:
+        gevent.socket.wait_read(sock.fileno(), timeout=5)
+        seen_by_probe.append(len(passed))
+
+    reader, writer = socket.socketpair()
+    try:
+        writer.send(b"x")  # the probe's request has arrived
+        burst = [gevent.spawn(set_up, number) for number in range(40)]
+        prober = gevent.spawn(probe, reader)
+        gevent.joinall([*burst, prober], timeout=10, raise_error=True)
+    finally:
+        reader.close()
+        writer.close()
+    assert passed == list(range(40))  # every one, first come first served
+    assert seen_by_probe and seen_by_probe[0] <= 9, seen_by_probe
+    assert not gate.queued
