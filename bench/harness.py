@@ -270,13 +270,38 @@ class TestCa:
         return cls(ca, cert, key)
 
 
-def start_stream_provider(workdir: Path, ca: TestCa) -> tuple[LoggedProcess, int]:
-    """bench/stream_provider.py: the process (its port: plain HTTP) and its HTTPS port."""
-    argv = [sys.executable, str(BENCH / "stream_provider.py"), "--cert", str(ca.cert)]
-    provider = LoggedProcess([*argv, "--key", str(ca.key)], dict(os.environ), workdir / "sp.log")
-    tls_port = re.search(r" tls (\d+)", provider.log_text())
-    assert tls_port is not None
-    return provider, int(tls_port.group(1))
+@dataclasses.dataclass
+class StreamProvider:
+    """bench/stream_provider.py in its own process: a plain HTTP port and an HTTPS one
+    whose certificate the run's test CA signed."""
+
+    process: LoggedProcess
+    tls_port: int
+    ca: TestCa
+
+    @classmethod
+    def start(cls, workdir: Path) -> StreamProvider:
+        """A test CA, then the provider (open-file limit 16384: 2,000 streams and more)."""
+        ca = TestCa.make(workdir)
+        argv = [sys.executable, str(BENCH / "stream_provider.py"), "--cert", str(ca.cert)]
+        argv += ["--key", str(ca.key)]
+        process = LoggedProcess(argv, dict(os.environ), workdir / "sp.log", nofile=16384)
+        tls_port = re.search(r" tls (\d+)", process.log_text())
+        assert tls_port is not None
+        return cls(process, int(tls_port.group(1)), ca)
+
+    def env(self, kind: str) -> dict[str, str]:
+        """The server's provider settings: `tls` (trusting the test CA) or `plain`."""
+        port = self.tls_port if kind == "tls" else self.process.port
+        scheme = "https" if kind == "tls" else "http"
+        return {
+            "DEEPSEEK_API_KEY": "bench", "DEEPSEEK_BASE_URL": f"{scheme}://127.0.0.1:{port}",
+            "SSL_CERT_FILE": str(self.ca.ca),  # the CA path OpenSSL reads, as in production
+        }  # fmt: skip
+
+    def stats(self, kind: str) -> dict[str, int]:
+        """The `tls` or `plain` port's counters (asked on the plain port)."""
+        return provider_call(self.process.port, "GET", "/stats")[kind]
 
 
 def provider_call(port: int, method: str, path: str, body: dict | None = None) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """CloudChat's benchmark: the real server against a fake provider, issue 6's figures.
 
     .venv/bin/python bench/run.py --setup embedded|postgres [--runs 3] [--json out.json]
-                                  [--only floor,me,healthz,register,login,chat,chat_login,nofile]
+                                  [--only floor,me,healthz,register,login,chat,chat_plain,
+                                          chat_login,chat2000,nofile]
 
 bench/README.md says what each scenario measures, what the setups start and touch, and
 how to read the table. Loopback only; every load loop is bounded in count and time; every
@@ -34,7 +35,10 @@ from typing import Any
 
 import harness as h  # bench/ is sys.path[0] when this file runs as a script
 
-SCENARIOS = ("floor", "me", "healthz", "register", "login", "chat", "chat_login", "nofile")
+SCENARIOS = (
+    "floor", "me", "healthz", "register", "login", "chat", "chat_plain", "chat_login",
+    "chat2000", "nofile",
+)  # fmt: skip
 FLOOR_IMPORTS = (
     "import gevent, bottle, psycopg2, redis, argon2; from gevent import monkey;"
     " monkey.patch_all(); import sys; print('ready', flush=True); sys.stdin.read()"
@@ -189,19 +193,40 @@ class Wave:
     rss_after_mb: float
     upstream_open: int
     cpu_s: dict[str, float]
-    probe: h.Tally | None = None
-    slow_probes: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    new_connections: int  # upstream connections the provider accepted during the wave
+    full_handshakes: int
+    resumed_handshakes: int
+    probe: h.Tally
+    slow_probes: list[tuple[float, float]]
 
 
-def chat_wave(server: h.LoggedProcess, provider: h.LoggedProcess, streams: int) -> Wave:
-    """One wave of concurrent chat streams from loadgen.py; timings, outcomes, RSS, CPU."""
+def raise_nofile(streams: int) -> Callable[[], None]:
+    """For the load generator's process: room for `streams` sockets."""
+
+    def limit() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = max(soft, streams + 256)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(wanted, hard)))
+
+    return limit
+
+
+def chat_wave(
+    server: h.LoggedProcess, upstream: h.StreamProvider, streams: int, kind: str = "tls"
+) -> Wave:
+    """One wave of concurrent chat streams from loadgen.py, a 50 ms health probe running:
+    timings, outcomes, RSS, CPU, the provider's new connections and handshakes."""
     argv = [sys.executable, str(h.BENCH / "loadgen.py"), "chat", "--port", str(server.port)]
     argv += ["--streams", str(streams), "--timeout", "90"]
-    pids = {"server": server.pid, "provider": provider.pid}
+    pids = {"server": server.pid, "provider": upstream.process.pid}
     cpu = {name: h.cpu_seconds(pid) for name, pid in pids.items()}
     client = children_cpu_seconds()
-    with h.RssSampler(server.pid) as rss:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    before = upstream.stats(kind)
+    with h.RssSampler(server.pid) as rss, h.health_probe(server.port) as probe:
+        began = time.monotonic()
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=120, preexec_fn=raise_nofile(streams)
+        )
     if done.returncode != 0:
         raise RuntimeError(f"loadgen.py chat failed: {done.stderr[-2000:]}")
     cpu = {name: h.cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
@@ -221,12 +246,17 @@ def chat_wave(server: h.LoggedProcess, provider: h.LoggedProcess, streams: int) 
         open_now += step
         peak_open = max(peak_open, open_now)
     time.sleep(0.5)  # let closed upstream connections reach the provider
+    after = upstream.stats(kind)
+    asking = 1 if kind == "plain" else 0  # the stats call's own connection
     return Wave(
         streams, dict(outcomes), outcomes["ok"], streams - outcomes["ok"],
         h.percentile(firsts, 50), h.percentile(firsts, 95), max(dones, default=None),
         max(connects, default=None), sum(1 for c in connects if c > 0.5), peak_open,
-        report["wall_s"], rss.peak, rss.before, h.settle(server.pid),
-        h.provider_call(provider.port, "GET", "/stats")["open"], cpu,
+        report["wall_s"], rss.peak, rss.before, h.settle(server.pid), after["open"], cpu,
+        after["accepted"] - before["accepted"] - asking,
+        after["full_handshakes"] - before["full_handshakes"],
+        after["resumed_handshakes"] - before["resumed_handshakes"],
+        h.tally([probe], 1.0), probe.slow(began),
     )  # fmt: skip
 
 
@@ -260,10 +290,12 @@ class Run:
         """A typed result's fields as figures `<prefix>_<field>`."""
         self.figures.update({f"{prefix}_{k}": v for k, v in dataclasses.asdict(result).items()})
 
-    def profiled(self, scenario: str) -> contextlib.AbstractContextManager[None]:
-        """The server recorded by py-spy during a scenario, with --profile."""
+    def profiled(
+        self, scenario: str, server: h.LoggedProcess | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """The server (by default the run's) recorded by py-spy during a scenario."""
         name = f"{self.args.setup}-run{self.number}-{scenario}"
-        return profiled(self.server.pid, self.args.profile, name)
+        return profiled((server or self.server).pid, self.args.profile, name)
 
     def execute(self) -> None:
         """Every selected scenario, then stop and remove whatever it started."""
@@ -273,10 +305,11 @@ class Run:
             self.say(f"import floor {self.figures['floor_mb']:.1f} MB")
         storage = h.Storage.of_setup(self.args.setup, self.workdir, self.code)
         try:
-            self.processes.append(provider := h.start_provider(self.workdir))
-            self.env = h.server_env(storage.env, provider.port) | self.args.env
+            self.upstream = h.StreamProvider.start(self.workdir)
+            self.processes.append(self.upstream.process)
+            self.base_env = h.server_env(storage.env) | self.args.env
             self.server = self.start_server("server.log")
-            self.scenarios(only, provider)
+            self.scenarios(only)
         except Exception as exc:
             tail = self.processes[-1].log_text()[-3000:] if self.processes else ""
             raise RuntimeError(f"run {self.number} failed: {exc!r}\nlast log:\n{tail}") from exc
@@ -288,15 +321,19 @@ class Run:
         self.figures["run_seconds"] = time.monotonic() - began
         self.say(f"done in {self.figures['run_seconds']:.0f} s")
 
-    def start_server(self, log_name: str, nofile: int | None = None) -> h.LoggedProcess:
-        """A server with this run's settings (and an open-file limit)."""
-        server = h.start_server(self.code, self.env, self.workdir / log_name, nofile)
+    def start_server(
+        self, log_name: str, nofile: int | None = None, kind: str = "tls"
+    ) -> h.LoggedProcess:
+        """A server with this run's settings (and an open-file limit), its provider over
+        TLS or plain HTTP."""
+        env = self.base_env | self.upstream.env(kind) | self.args.env
+        server = h.start_server(self.code, env, self.workdir / log_name, nofile)
         self.processes.append(server)
         self.say(f"server PID {server.pid} on port {server.port} ({log_name})")
         return server
 
-    def scenarios(self, only: set[str], provider: h.LoggedProcess) -> None:
-        """1.-9., those selected."""
+    def scenarios(self, only: set[str]) -> None:
+        """1.-10., those selected."""
         fig, server = self.figures, self.server
         fig["start_mb"] = h.settle(server.pid)
         h.register_user(server.port, owner := f"bench-{self.tag}-me@example.com")
@@ -326,14 +363,25 @@ class Run:
         if "login" in only:
             self.logins_or_registrations("login", LOGIN_USERS, login_requests(users))
         if "chat" in only:
-            self.chat(provider)
+            self.chat("chat", server, "tls")
         if "chat_login" in only:
-            self.chat_login(provider, users)
+            self.chat_login(users)
         self.log_counts("log", server)
+        server.stop()
+        if "chat_plain" in only:
+            plain = self.start_server("server-plain.log", kind="plain")
+            try:
+                self.chat("chatp", plain, "plain")
+            finally:
+                plain.stop()
+            if "chat" in only:
+                fig["chat_p95_ratio"] = fig["chat_first_p95_s"] / fig["chatp_first_p95_s"]
+        if "chat2000" in only:
+            for kind in ("plain", "tls"):
+                self.chat2000(kind)
         if "nofile" in only:
-            server.stop()
             for nofile in self.args.nofile:
-                self.nofile(provider, nofile)
+                self.nofile(nofile)
 
     def http_load(self, prefix: str, path: str, headers: list[str]) -> None:
         """2. and 3.: GET load at 50 connections, and the server's CPU per request."""
@@ -379,22 +427,22 @@ class Run:
         fig = self.figures
         self.say(f"logins: {fig['login_rps']:.1f}/s, probe max {fig['probe_max_ms'] or 0:.0f} ms")
 
-    def chat(self, provider: h.LoggedProcess) -> None:
-        """7.: --waves waves of --streams chat streams."""
+    def chat(self, prefix: str, server: h.LoggedProcess, kind: str) -> None:
+        """7. (provider over TLS) and 7p. (plain HTTP): --waves waves of --streams streams."""
         waves: list[Wave] = []
         for number in range(1, self.args.waves + 1):
-            with self.profiled(f"chat-wave{number}"), h.health_probe(self.server.port) as probe:
-                began = time.monotonic()
-                wave = chat_wave(self.server, provider, self.args.streams)
-            wave.probe, wave.slow_probes = h.tally([probe], 1.0), probe.slow(began)
+            with self.profiled(f"{prefix}-wave{number}", server):
+                wave = chat_wave(server, self.upstream, self.args.streams, kind)
             waves.append(wave)
-            self.figures[f"chat_rss_w{number}_mb"] = wave.rss_after_mb
+            self.figures[f"{prefix}_rss_w{number}_mb"] = wave.rss_after_mb
             self.say(
-                f"chat wave {number}: {wave.ok}/{wave.streams} ok, first line p95"
+                f"{prefix} wave {number}: {wave.ok}/{wave.streams} ok, first line p95"
                 f" {wave.first_p95_s or 0:.2f} s, last done {wave.last_done_s or 0:.2f} s,"
-                f" peak {wave.peak_rss_mb:.1f} MB"
+                f" peak {wave.peak_rss_mb:.1f} MB, {wave.new_connections} new upstream"
+                f" connections ({wave.full_handshakes} full TLS handshakes), probe max"
+                f" {wave.probe.max_ms or 0:.0f} ms"
             )
-        self.details["chat_waves"] = waves
+        self.details[f"{prefix}_waves"] = waves
 
         def worst(key: str) -> Any:
             return max((v for w in waves if (v := getattr(w, key)) is not None), default=None)
@@ -402,31 +450,58 @@ class Run:
         # The first wave warms up (allocator high-water marks, pools); a leak shows as
         # growth after it. With --waves 8 the RSS is flat from wave 3 or 4 on.
         second = waves[min(1, len(waves) - 1)].rss_after_mb
-        self.figures.update(
-            chat_first_p50_s=waves[0].first_p50_s, chat_first_p95_s=worst("first_p95_s"),
-            chat_last_done_s=worst("last_done_s"), chat_connect_max_s=worst("connect_max_s"),
-            chat_connect_late=worst("connect_over_0_5s"),
-            chat_probe_max_ms=max(w.probe.max_ms or 0 for w in waves if w.probe),
-            chat_concurrent=min(w.peak_concurrent for w in waves),
-            chat_failures=sum(w.failures for w in waves), chat_peak_mb=worst("peak_rss_mb"),
-            chat_warmup_mb=second - waves[0].rss_after_mb,
-            chat_growth_mb=waves[-1].rss_after_mb - second,
-            chat_upstream_open=worst("upstream_open"),
+        later = waves[1:] or waves
+        figures = dict(
+            first_p50_s=waves[0].first_p50_s, first_p95_s=worst("first_p95_s"),
+            last_done_s=worst("last_done_s"), connect_max_s=worst("connect_max_s"),
+            connect_late=worst("connect_over_0_5s"),
+            probe_max_ms=max(w.probe.max_ms or 0 for w in waves),
+            concurrent=min(w.peak_concurrent for w in waves),
+            failures=sum(w.failures for w in waves), peak_mb=worst("peak_rss_mb"),
+            warmup_mb=second - waves[0].rss_after_mb, growth_mb=waves[-1].rss_after_mb - second,
+            upstream_open=worst("upstream_open"), new_conns_w1=waves[0].new_connections,
+            full_hs_w1=waves[0].full_handshakes,
+            new_conns_later=max(w.new_connections for w in later),
+            full_hs_later_pct=max(100 * w.full_handshakes / w.streams for w in later),
         )  # fmt: skip
+        self.figures.update({f"{prefix}_{key}": value for key, value in figures.items()})
         for who in ("server", "provider", "client"):
-            self.figures[f"chat_cpu_{who}_s"] = statistics.mean(w.cpu_s[who] for w in waves)
+            self.figures[f"{prefix}_cpu_{who}_s"] = statistics.mean(w.cpu_s[who] for w in waves)
 
-    def chat_login(self, provider: h.LoggedProcess, users: list[str]) -> None:
+    def chat2000(self, kind: str) -> None:
+        """10.: one wave of --big-streams streams on a fresh server (LimitNOFILE 8192)."""
+        prefix = f"big_{kind}"
+        server = self.start_server(f"server-{prefix}.log", nofile=8192, kind=kind)
+        try:
+            h.settle(server.pid)
+            with self.profiled(prefix, server):
+                wave = chat_wave(server, self.upstream, self.args.big_streams, kind)
+            self.log_counts(prefix, server)
+        finally:
+            server.stop()
+        self.details[prefix] = wave
+        figures = {
+            "ok": wave.ok, "failures": wave.failures, "first_p95_s": wave.first_p95_s,
+            "last_done_s": wave.last_done_s, "peak_mb": wave.peak_rss_mb,
+            "probe_max_ms": wave.probe.max_ms, "concurrent": wave.peak_concurrent,
+            "cpu_server_s": wave.cpu_s["server"], "cpu_provider_s": wave.cpu_s["provider"],
+            "cpu_client_s": wave.cpu_s["client"],
+        }  # fmt: skip
+        self.figures.update({f"{prefix}_{key}": value for key, value in figures.items()})
+        self.say(
+            f"{wave.streams} streams ({kind}): {wave.ok} ok, last done"
+            f" {wave.last_done_s or 0:.2f} s, peak {wave.peak_rss_mb:.1f} MB"
+        )
+
+    def chat_login(self, users: list[str]) -> None:
         """8.: a wave while the 16 login workers run."""
         port = self.server.port
-        with h.health_probe(port) as probe, self.profiled("chat_login"):
+        with self.profiled("chat_login"):
             began = time.monotonic()
             with workers(port, LOGIN_USERS, login_requests(users), 120) as repeaters:
                 time.sleep(0.5)  # the logins are under way when the wave arrives
-                wave_start = time.monotonic()
-                wave = chat_wave(self.server, provider, self.args.streams)
+                wave = chat_wave(self.server, self.upstream, self.args.streams)
             logins = h.tally(repeaters, time.monotonic() - began, good_only=True)
-        wave.probe, wave.slow_probes = h.tally([probe], 1.0), probe.slow(wave_start)
         self.details["chat_login_wave"] = wave
         self.put("cl_login", logins)
         self.figures.update(
@@ -436,12 +511,12 @@ class Run:
         p95 = wave.first_p95_s or 0
         self.say(f"streams + logins: first line p95 {p95:.2f} s, logins {logins.rps:.1f}/s")
 
-    def nofile(self, provider: h.LoggedProcess, nofile: int) -> None:
+    def nofile(self, nofile: int) -> None:
         """9.: a fresh server under an open-file limit, one wave."""
         server = self.start_server(f"server-nofile{nofile}.log", nofile=nofile)
         try:
             h.settle(server.pid)
-            wave = chat_wave(server, provider, self.args.streams)
+            wave = chat_wave(server, self.upstream, self.args.streams)
             answer = h.Client(server.port, timeout=5).exchange("GET", "/auth/healthz", keep=False)
             answering = answer.status == 200 and server.alive()
             log = server.log_text()
@@ -451,6 +526,7 @@ class Run:
                 "ok": wave.ok, "over_capacity": over, "other_failures": wave.failures - over,
                 "last_done_s": wave.last_done_s, "concurrent": wave.peak_concurrent,
                 "answering": int(answering), "emfile_lines": log.count("Too many open files"),
+                "probe_max_ms": wave.probe.max_ms,
                 "max_connections": int(capacity.group(1)) if capacity else None,
             }  # fmt: skip
             self.figures.update({f"nf{nofile}_{key}": value for key, value in figures.items()})
@@ -505,32 +581,60 @@ reg_failures        | 5.   failures                                   |       | 
 probe_max_ms        | 6. 50 ms health probe during 4.: max            | ms    | 1 | <= 50   | 1500
 probe_p99_ms        | 6.   p99                                        | ms    | 1 |         |
 probe_failures      | 6.   failed probes                              |       | 0 | <= 0    |
-chat_first_p50_s    | 7. 500 streams: first line p50 (wave 1)         | s     | 2 |         | 15
+chat_first_p50_s    | 7. 500 streams, provider over TLS: first line p50 (wave 1) | s | 2 |   | 15
 chat_first_p95_s    | 7.   first line p95 (worst wave)                | s     | 2 | <= 1    |
-chat_last_done_s    | 7.   last stream done (worst wave)              | s     | 2 | <= 3    | 20
+chat_p95_ratio      | 7.   first line p95 / plain HTTP's (7p.)        | x     | 2 | <= 1.2  |
+chat_last_done_s    | 7.   last stream done (worst wave)              | s     | 2 | <= 2.5  | 20
 chat_connect_max_s  | 7.   slowest TCP connect (worst wave)           | s     | 2 |         |
 chat_connect_late   | 7.   connects slower than 0.5 s (worst wave)    |       | 0 |         |
 chat_concurrent     | 7.   streams open at once, client view (min)    |       | 0 |         |
 chat_failures       | 7.   failed streams (all waves)                 |       | 0 | <= 0    |
-chat_probe_max_ms   | 7.   50 ms health probe: max (worst wave)       | ms    | 1 |         |
+chat_probe_max_ms   | 7.   50 ms health probe: max (worst wave)       | ms    | 1 | <= 100  |
 chat_peak_mb        | 7.   peak RSS (worst wave)                      | MB    | 1 | <= 90   | 509
 chat_rss_w1_mb      | 7.   RSS after wave 1                           | MB    | 1 |         |
 chat_rss_w2_mb      | 7.   RSS after wave 2                           | MB    | 1 |         |
 chat_rss_w3_mb      | 7.   RSS after wave 3                           | MB    | 1 |         |
 chat_warmup_mb      | 7.   RSS growth, wave 1 to wave 2 (warm-up)     | MB    | 1 |         |
 chat_growth_mb      | 7.   RSS growth, wave 2 to last wave            | MB    | 1 | <= 1    |
-chat_upstream_open  | 7.   upstream conns left open (idle pool: 4)    |       | 0 | <= 4    |
+chat_new_conns_w1   | 7.   wave 1: new upstream connections           |       | 0 |         |
+chat_full_hs_w1     | 7.   wave 1: full TLS handshakes (rest resumed) |       | 0 |         |
+chat_new_conns_later | 7.   later waves: new upstream conns (worst)   |       | 0 |         |
+chat_full_hs_later_pct | 7.   later waves: full handshakes / streams  | %     | 1 | <= 10   |
+chat_upstream_open  | 7.   upstream conns idle after a wave (worst)   |       | 0 |         |
 chat_cpu_server_s   | 7.   CPU per wave: server                       | s     | 2 |         |
-chat_cpu_provider_s | 7.   CPU per wave: fake provider                | s     | 2 |         |
+chat_cpu_provider_s | 7.   CPU per wave: provider (asyncio)           | s     | 2 |         |
 chat_cpu_client_s   | 7.   CPU per wave: client (loadgen.py)          | s     | 2 |         |
+chatp_first_p50_s   | 7p. the same, provider over plain HTTP: first line p50 (wave 1) | s | 2 | |
+chatp_first_p95_s   | 7p.  first line p95 (worst wave)                | s     | 2 | <= 1    |
+chatp_last_done_s   | 7p.  last stream done (worst wave)              | s     | 2 | <= 2.5  |
+chatp_failures      | 7p.  failed streams (all waves)                 |       | 0 | <= 0    |
+chatp_probe_max_ms  | 7p.  50 ms health probe: max (worst wave)       | ms    | 1 | <= 100  |
+chatp_peak_mb       | 7p.  peak RSS (worst wave)                      | MB    | 1 | <= 90   |
+chatp_new_conns_later | 7p.  later waves: new upstream conns (worst)  |       | 0 |         |
+chatp_cpu_server_s  | 7p.  CPU per wave: server                       | s     | 2 |         |
+chatp_cpu_provider_s | 7p.  CPU per wave: provider (asyncio)          | s     | 2 |         |
+chatp_cpu_client_s  | 7p.  CPU per wave: client (loadgen.py)          | s     | 2 |         |
 cl_first_p95_s      | 8. 500 streams + 16 logins: first line p95      | s     | 2 | <= 1    |
 cl_last_done_s      | 8.   last stream done                           | s     | 2 | <= 3    |
 cl_failures         | 8.   failed streams                             |       | 0 | <= 0    |
 cl_login_rps        | 8.   logins meanwhile                           | /s    | 1 |         |
 cl_login_p50_ms     | 8.   login p50                                  | ms    | 0 |         |
-cl_probe_max_ms     | 8.   50 ms health probe: max                    | ms    | 1 |         |
+cl_probe_max_ms     | 8.   50 ms health probe: max                    | ms    | 1 | <= 100  |
 log_tracebacks      |    server log (1.-8.): tracebacks               |       | 0 | <= 0    |
 log_error_lines     |    server log (1.-8.): ERROR lines              |       | 0 |         |
+"""
+BIG_ROWS_TEXT = """
+big_{k}_ok            | 10. 2,000 streams, provider {k}: completed    |    | 0 |          |
+big_{k}_failures      | 10.   failed streams                          |    | 0 | <= 0     |
+big_{k}_first_p95_s   | 10.   first line p95                          | s  | 2 |          |
+big_{k}_last_done_s   | 10.   last stream done                        | s  | 2 | <= 6     |
+big_{k}_peak_mb       | 10.   peak RSS                                | MB | 1 | <= 128   |
+big_{k}_probe_max_ms  | 10.   50 ms health probe: max                 | ms | 1 |          |
+big_{k}_concurrent    | 10.   streams open at once, client view       |    | 0 |          |
+big_{k}_cpu_server_s  | 10.   CPU: server                             | s  | 2 |          |
+big_{k}_cpu_provider_s | 10.   CPU: provider (asyncio)                | s  | 2 |          |
+big_{k}_cpu_client_s  | 10.   CPU: client (loadgen.py)                | s  | 2 |          |
+big_{k}_tracebacks    | 10.   tracebacks in its log                   |    | 0 | <= 0     |
 """
 NOFILE_ROWS_TEXT = """
 nf{n}_max_connections | 9. open-file limit {n}: connection cap (logged) |  | 0 |        |
@@ -541,6 +645,7 @@ nf{n}_last_done_s     | 9.   last stream done                           | s | 2 
 nf{n}_concurrent      | 9.   streams open at once, client view          |  | 0 |        |
 nf{n}_answering       | 9.   alive and answering afterwards (1 = yes)   |  | 0 | >= 1   |
 nf{n}_emfile_lines    | 9.   "Too many open files" in its log           |  | 0 | <= 0   |
+nf{n}_probe_max_ms    | 9.   50 ms health probe: max                    | ms | 1 |      |
 nf{n}_tracebacks      | 9.   tracebacks in its log                      |  | 0 | <= 0   |
 """
 TAIL_ROWS_TEXT = """
@@ -562,7 +667,8 @@ class Row:
 
 def table_rows(nofiles: list[int]) -> list[Row]:
     """Every row of the texts above, scenario 9's once per open-file limit."""
-    text = ROWS_TEXT + "".join(NOFILE_ROWS_TEXT.replace("{n}", str(n)) for n in nofiles)
+    text = ROWS_TEXT + "".join(BIG_ROWS_TEXT.replace("{k}", k) for k in ("plain", "tls"))
+    text += "".join(NOFILE_ROWS_TEXT.replace("{n}", str(n)) for n in nofiles)
     rows = []
     for line in (text + TAIL_ROWS_TEXT).strip().splitlines():
         if not line.strip():
@@ -623,6 +729,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--duration", type=float, default=5.0, help="seconds per load scenario (1..60)")
     add("--streams", type=int, default=500, help="chat streams per wave (1..5000)")
     add("--waves", type=int, default=3, help="waves in the chat scenario (1..10)")
+    add("--big-streams", type=int, default=2000, help="streams of chat2000 (1..5000)")
     add("--nofile", default="", help="open-file limits for 9. (default: 1024,LimitNOFILE)")
     add("--no-wrk", dest="wrk", action="store_false", help="never use wrk")
     add("--profile", type=Path, help="record each scenario with py-spy (on PATH) into this folder")
@@ -636,8 +743,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.nofile = sorted({int(n) for n in nofiles})
     if not (1 <= args.runs <= 20 and 1 <= args.duration <= 60 and 1 <= args.streams <= 5000):
         parser.error("keep --runs in 1..20, --duration in 1..60 and --streams in 1..5000")
-    if not 1 <= args.waves <= 10:
-        parser.error("keep --waves in 1..10")
+    if not 1 <= args.waves <= 10 or not 1 <= args.big_streams <= 5000:
+        parser.error("keep --waves in 1..10 and --big-streams in 1..5000")
     args.env = h.parse_env(parser, args.env)
     args.wrk = args.wrk and shutil.which("wrk") is not None
     if args.profile and shutil.which("py-spy") is None:
