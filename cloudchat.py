@@ -3863,25 +3863,27 @@ def chat_request_body(cfg: Config, provider: ProviderConfig, messages: list[dict
     return _json_bytes(body)
 
 
-# Chat set-up steps (a request's checks and history, a TLS handshake's crypto) run at most
-# this many per turn of the event loop: see TurnGate.
-CHAT_SETUPS_PER_TURN = 16
+# Chat set-up steps (a request's checks and history, a TLS handshake's crypto) start in a
+# turn of the event loop only while it has lasted less than this: see TurnGate.
+CHAT_SETUP_SECONDS_PER_TURN = 0.005
 
 
 class TurnGate:
-    """At most `per_turn` callers pass per turn of the event loop; the others wait for
-    later turns, first come first served.
+    """Callers pass while the event loop's current turn has lasted less than `budget`
+    seconds since the first of them passed (one always passes); the others wait for later
+    turns, first come first served.
 
     gevent runs every greenlet whose socket became ready before it looks at the sockets
-    again. When 500 chats arrive together, 500 set-ups (a millisecond of CPU each, more
-    with a TLS handshake) would run back to back, and a health probe or a login that came
-    in meanwhile would wait for all of them. Through the gate, they wait for 16; the
-    burst's total CPU, and so its end, is the same.
+    again. When 500 chats arrive together, 500 set-ups (about a millisecond of CPU each,
+    more with a TLS handshake) would run back to back, and a health probe or a login that
+    came in meanwhile would wait for all of them. Through the gate it waits a few
+    milliseconds of them per turn; the burst's total CPU, and so its end, is the same.
     """
 
-    def __init__(self, per_turn: int) -> None:
-        self._per_turn = per_turn
+    def __init__(self, budget: float) -> None:
+        self._budget = budget
         self._used = 0  # passed in the current turn
+        self._began = 0.0  # when the first of them passed
         self._waiting: deque[gevent.event.Event] = deque()
         self._turn_end: Any = None  # a timer that fires in the loop's next turn
 
@@ -3889,13 +3891,23 @@ class TurnGate:
         """Return at once if this turn has room, else when a later one has."""
         if self._turn_end is None:
             self._used = 0
+            self._began = time.perf_counter()
             self._start_timer()
-        if self._used < self._per_turn and not self._waiting:
+        room = self._used == 0 or time.perf_counter() - self._began < self._budget
+        if room and not self._waiting:
             self._used += 1
             return
         ready = gevent.event.Event()
         self._waiting.append(ready)
         ready.wait()
+        # The next in line follows once this caller's step is done (callbacks run in
+        # order), if the turn still has room then.
+        gevent.get_hub().loop.run_callback(self._release_next)
+
+    def _release_next(self) -> None:
+        if self._waiting and time.perf_counter() - self._began < self._budget:
+            self._used += 1
+            self._waiting.popleft().set()
 
     @property
     def queued(self) -> bool:
@@ -3911,10 +3923,10 @@ class TurnGate:
         self._turn_end.close()
         self._turn_end = None
         self._used = 0
-        while self._waiting and self._used < self._per_turn:
-            self._used += 1
+        self._began = time.perf_counter()
+        if self._waiting:  # the first in line goes on; more if the turn has room then
+            self._used = 1
             self._waiting.popleft().set()
-        if self._used:  # those let through count against this turn, not a fresh one
             self._start_timer()
 
 
@@ -4806,7 +4818,7 @@ class ChatRelay:
         self._cfg = cfg
         self._kv = kv
         self._sql = sql
-        self.setup_gate = TurnGate(CHAT_SETUPS_PER_TURN)
+        self.setup_gate = TurnGate(CHAT_SETUP_SECONDS_PER_TURN)
         self.upstream = UpstreamPool(
             cfg.chat_connect_timeout,
             cfg.chat_read_timeout,

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -920,18 +921,22 @@ def test_forwarded_proto_counts_only_from_a_trusted_proxy() -> None:
 
 
 def test_turn_gate_lets_a_ready_request_in_between_a_burst_of_set_ups() -> None:
-    """40 chat set-ups arrive at once: 3 pass per turn of the loop, in arrival order, and a
-    request whose socket is ready gets its turn after a few of them, not after all 40."""
+    """40 chat set-ups of 2 ms of CPU each arrive at once: a turn of the loop takes those
+    that start within its 5 ms, in arrival order, and a request whose socket is ready gets
+    its turn after a few of them, not after all 40."""
     import gevent
     import gevent.socket
 
-    gate = cloudchat.TurnGate(3)
+    gate = cloudchat.TurnGate(0.005)
     passed: list[int] = []
     seen_by_probe: list[int] = []
 
     def set_up(number: int) -> None:
         gate.wait_turn()
         passed.append(number)
+        busy_until = time.perf_counter() + 0.002
+        while time.perf_counter() < busy_until:
+            pass
 
     def probe(sock: socket.socket) -> None:
         gevent.socket.wait_read(sock.fileno(), timeout=5)
