@@ -1294,6 +1294,9 @@ class PostgresStore(SqlStore):
         self._first_target = 0  # the one that answered last: tried first next time
         self._idle: list[Any] = []
         self._slots = threading.BoundedSemaphore(pool_size)
+        # The health check's own connection (see ping) and the lock that keeps it one's.
+        self._ping_conn: Any = None
+        self._pinging = threading.Lock()
         if gevent.monkey.is_module_patched("socket"):
             # Without this psycopg2 blocks the whole event loop while it waits.
             psycopg2.extensions.set_wait_callback(_gevent_wait_callback(timeout))
@@ -1359,6 +1362,35 @@ class PostgresStore(SqlStore):
                         conn.close()
             self._slots.release()
 
+    def ping(self) -> None:
+        """SELECT 1 on a connection of its own, outside the pool: behind a burst of chats
+        the pool's queue is other requests, not an outage, and a load balancer's check
+        must not wait in it."""
+        if not self._pinging.acquire(timeout=self._timeout):
+            raise StoreUnavailable("database: the previous health check still waits")
+        try:
+            conn = self._ping_conn
+            if conn is None or conn.closed or _socket_has_input(conn.fileno()):
+                self._drop_ping_conn()  # an idle connection with input was closed on us
+                conn = self._ping_conn = self._connect()
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                cursor.fetchone()
+        except (psycopg2.Error, OSError) as exc:
+            self._drop_ping_conn()
+            raise StoreUnavailable(f"database: {' '.join(str(exc).split())}") from exc
+        except BaseException:
+            self._drop_ping_conn()  # killed mid-query (HEALTH_TIMEOUT): not reusable
+            raise
+        finally:
+            self._pinging.release()
+
+    def _drop_ping_conn(self) -> None:
+        conn, self._ping_conn = self._ping_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
     def apply_schema(self, script: str) -> None:
         with self.transaction() as tx:
             # Two instances starting at once would race on CREATE ... IF NOT EXISTS (which
@@ -1377,6 +1409,7 @@ class PostgresStore(SqlStore):
         while self._idle:
             with contextlib.suppress(Exception):
                 self._idle.pop().close()
+        self._drop_ping_conn()
 
 
 def dsn_targets(dsn: str) -> list[dict[str, str]]:
@@ -2353,6 +2386,26 @@ def sentinel_master_client(
     )
 
 
+def redis_client(
+    url: str, pool_size: int, sentinel: RedisSentinel | None, options: dict[str, Any]
+) -> redis.Redis:
+    """A client with a pool of at most pool_size connections to REDIS_URL or to the primary
+    the sentinels name."""
+    if sentinel is not None:
+        return sentinel_master_client(url, pool_size, sentinel, options)
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=pool_size,
+        # Waiting for a free connection is waiting for other requests, which a busy event
+        # loop (500 chat streams starting at once) can delay past REDIS_TIMEOUT while Redis
+        # is fine. A hung Redis frees every connection within REDIS_TIMEOUT, so twice that
+        # still bounds the wait.
+        timeout=2 * options["socket_timeout"],
+        **options,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
 class RedisStore(KeyValueStore):
     """Redis through a bounded connection pool; every key carries the configured prefix."""
 
@@ -2381,20 +2434,10 @@ class RedisStore(KeyValueStore):
         }
         if ca_file and url.startswith("rediss://"):
             options["ssl_ca_certs"] = ca_file  # a private CA; the host name is checked too
-        if sentinel is not None:
-            self._client = sentinel_master_client(url, pool_size, sentinel, options)
-        else:
-            pool = redis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=pool_size,
-                # Waiting for a free connection is waiting for other requests, which a busy
-                # event loop (500 chat streams starting at once) can delay past
-                # REDIS_TIMEOUT while Redis is fine. A hung Redis frees every connection
-                # within REDIS_TIMEOUT, so twice that still bounds the wait.
-                timeout=2 * timeout,
-                **options,
-            )
-            self._client = redis.Redis(connection_pool=pool)
+        self._client = redis_client(url, pool_size, sentinel, options)
+        # The health check's own connection: behind a burst of chats the pool's queue is
+        # other requests, not an outage, and a load balancer's check must not wait in it.
+        self._ping_client = redis_client(url, 1, sentinel, options)
         self._hit_many = self._client.register_script(self._HIT_MANY)
         self._overwrite_unless = self._client.register_script(self._OVERWRITE_UNLESS)
 
@@ -2542,10 +2585,11 @@ end
 
     def ping(self) -> None:
         with self._errors():
-            self._client.ping()
+            self._ping_client.ping()
 
     def close(self) -> None:
         self._client.connection_pool.disconnect()
+        self._ping_client.connection_pool.disconnect()
 
 
 class MemoryStore(KeyValueStore):
@@ -4021,8 +4065,13 @@ class UpstreamPool:
         return conn
 
     def _handshake(self, sock: ssl.SSLSocket) -> None:
-        """The TLS handshake, each step's crypto through the gate (if any)."""
-        deadline = time.monotonic() + self._connect_timeout
+        """The TLS handshake, each step's crypto through the gate (if any).
+
+        CHAT_CONNECT_TIMEOUT bounds the time spent waiting for the provider, not for the
+        gate: 2,000 chats arriving together queue there for seconds, through no fault of
+        the provider's.
+        """
+        left = self._connect_timeout
         sock.settimeout(0.0)  # do_handshake() returns at each wait instead of waiting
         while True:
             if self._gate is not None:
@@ -4034,10 +4083,12 @@ class UpstreamPool:
                 wait = gevent.socket.wait_read
             except ssl.SSLWantWriteError:
                 wait = gevent.socket.wait_write
-            left = deadline - time.monotonic()
+            timed_out = TimeoutError("TLS handshake timed out")
             if left <= 0:
-                raise TimeoutError("TLS handshake timed out")
-            wait(sock.fileno(), timeout=left, timeout_exc=TimeoutError("TLS handshake timed out"))
+                raise timed_out
+            began = time.monotonic()
+            wait(sock.fileno(), timeout=left, timeout_exc=timed_out)
+            left -= time.monotonic() - began
 
     def _open_socket(self, address: tuple[str, int], timeout: float) -> socket.socket:
         """A TCP connection to the first of the host's addresses that accepts one."""
@@ -7436,10 +7487,11 @@ def connections_the_fd_limit_allows(cfg: Config) -> int:
     if soft == resource.RLIM_INFINITY:
         return 10_000
     # What the process holds besides client and provider sockets: the pools at their
-    # fullest, and 32 for the listening socket, the event loop, logs, SQLite's files,
-    # the idle provider connections, mail and the thread pool.
-    reserve = (cfg.redis_pool_size if cfg.uses_redis else 0) + 32
-    reserve += cfg.db_pool_size if cfg.database_url else 0
+    # fullest and the health check's own connection to each store, and 32 for the
+    # listening socket, the event loop, logs, SQLite's files, mail and the thread pool.
+    # (Idle provider connections are at most as many as were in use lately.)
+    reserve = (cfg.redis_pool_size + 1 if cfg.uses_redis else 0) + 32
+    reserve += cfg.db_pool_size + 1 if cfg.database_url else 0
     return max(8, (soft - reserve) // 2)
 
 

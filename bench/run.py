@@ -372,6 +372,7 @@ class Run:
             plain = self.start_server("server-plain.log", kind="plain")
             try:
                 self.chat("chatp", plain, "plain")
+                self.log_counts("chatp", plain)
             finally:
                 plain.stop()
             if "chat" in only:
@@ -614,6 +615,7 @@ chatp_new_conns_later | 7p.  later waves: new upstream conns (worst)  |       | 
 chatp_cpu_server_s  | 7p.  CPU per wave: server                       | s     | 2 |         |
 chatp_cpu_provider_s | 7p.  CPU per wave: provider (asyncio)          | s     | 2 |         |
 chatp_cpu_client_s  | 7p.  CPU per wave: client (loadgen.py)          | s     | 2 |         |
+chatp_tracebacks    | 7p.  tracebacks in its log                      |       | 0 | <= 0    |
 cl_first_p95_s      | 8. 500 streams + 16 logins: first line p95      | s     | 2 | <= 1    |
 cl_last_done_s      | 8.   last stream done                           | s     | 2 | <= 3    |
 cl_failures         | 8.   failed streams                             |       | 0 | <= 0    |

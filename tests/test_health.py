@@ -69,3 +69,43 @@ def test_healthz_with_database_down(make_server: ServerFactory) -> None:
     wait_until(lambda: cause in srv.log_text(), 5, what=f"the line {cause!r}")
     me = srv.client().me()
     assert me.status == 401, me  # no session to look up: no database needed
+
+
+def test_healthz_answers_while_the_database_pool_is_busy(make_server: ServerFactory) -> None:
+    """The one pooled connection (DB_POOL_SIZE=1) waits on a table lock inside a
+    registration: the health check still answers 200 with db true at once, from a
+    connection of its own. (Through the pool it waited DB_TIMEOUT and said the database
+    was down: a load balancer would take a busy instance out.)"""
+    import threading
+
+    import psycopg2
+
+    srv = make_server.start("postgres", {"DB_POOL_SIZE": "1", "DB_TIMEOUT": "8"})
+    locker = psycopg2.connect(srv.env["DATABASE_URL"])
+    try:
+        with locker.cursor() as cursor:
+            cursor.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        answers: list[int] = []
+        body = {"email": "pool-busy@example.com", "password": "a long enough passphrase 1"}
+        register = threading.Thread(
+            target=lambda: answers.append(srv.client().post("/auth/register", body).status)
+        )
+        register.start()
+
+        def register_waits_on_the_lock() -> bool:
+            with locker.cursor() as cursor:  # in the locking transaction: it sees the waiter
+                cursor.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = "
+                    "'users'::regclass"
+                )
+                return cursor.fetchone()[0] > 0
+
+        wait_until(register_waits_on_the_lock, 15, what="the registration to wait on the lock")
+        response = srv.client().get("/auth/healthz", timeout=15)
+        assert response.status == 200, response
+        assert response.json()["db"] is True
+        locker.rollback()  # the registration goes on
+        register.join(15)
+        assert answers and answers[0] in (200, 201), answers
+    finally:
+        locker.close()
