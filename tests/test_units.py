@@ -954,3 +954,23 @@ def test_turn_gate_lets_a_ready_request_in_between_a_burst_of_set_ups() -> None:
     assert passed == list(range(40))  # every one, first come first served
     assert seen_by_probe and seen_by_probe[0] <= 9, seen_by_probe
     assert not gate.queued
+
+
+def test_turn_gate_serves_set_ups_under_way_before_new_ones() -> None:
+    """A handshake's next step (going on) passes before chats that have not begun: each
+    chat reaches its first token as soon as it can, instead of every handshake waiting
+    behind every other chat's start."""
+    import gevent
+
+    gate = cloudchat.TurnGate(0.0)  # one a turn
+    order: list[str] = []
+
+    def step(name: str, going_on: bool) -> None:
+        gate.wait_turn(going_on=going_on)
+        order.append(name)
+
+    first = gevent.spawn(step, "first", False)  # passes: the turn's one
+    news = [gevent.spawn(step, f"new{n}", False) for n in range(3)]
+    going = gevent.spawn(step, "handshake", True)
+    gevent.joinall([first, *news, going], timeout=10, raise_error=True)
+    assert order == ["first", "handshake", "new0", "new1", "new2"], order
