@@ -4898,6 +4898,9 @@ class ChatRelay:
         cfg = self._cfg
         if not cfg.chat_providers:
             return None, echo_events(messages[-1]["content"]), []
+        # The route's checks waited on Redis: what follows (the request, a connection)
+        # runs when the answer comes, through the gate again, ahead of chats not begun.
+        self.setup_gate.wait_turn(going_on=True)
         failure: ProviderError | None = None
         for provider in cfg.chat_providers:
             stream = None
