@@ -34,6 +34,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
+sys.path.insert(0, str(ROOT))
+from tests.helpers import make_ca, make_server_cert  # noqa: E402 (after the path)
+
 RAISED_LIMIT = "1000000/60"
 RATE_VARIABLES = ("RATE_LOGIN_IP", "RATE_LOGIN_IDENTIFIER", "RATE_REGISTER_IP")
 RATE_VARIABLES += ("RATE_REGISTER_EMAIL", "RATE_CHAT_IP", "RATE_CHAT_VISITOR")
@@ -248,25 +251,9 @@ class TestCa:
 
     @classmethod
     def make(cls, folder: Path) -> TestCa:
-        """openssl's command line: a CA, then the provider's key and certificate."""
-        ca, ca_key = folder / "test-ca.pem", folder / "test-ca.key"
-        cert, key, csr = folder / "provider.pem", folder / "provider.key", folder / "provider.csr"
-        extensions = folder / "provider.ext"
-        extensions.write_text(
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-            "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-            "authorityKeyIdentifier=keyid\n"
-        )
-        curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        for argv in (
-            ["req", "-x509", *curve, "-keyout", ca_key, "-out", ca, "-days", "2",
-             "-subj", "/CN=CloudChat bench test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-            ["req", *curve, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
-            ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-             "-out", cert, "-days", "2", "-extfile", extensions],
-        ):  # fmt: skip
-            subprocess.run(["openssl", *map(str, argv)], check=True, capture_output=True)
+        """The tests' openssl helpers: a CA, then the provider's key and certificate."""
+        ca = make_ca(folder, "test-ca")
+        cert, key = make_server_cert(folder, "test-ca", "provider", "IP:127.0.0.1")
         return cls(ca, cert, key)
 
 

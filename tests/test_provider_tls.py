@@ -13,7 +13,6 @@ import resource
 import select
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ import pytest
 import cloudchat
 from tests.conftest import ServerFactory
 from tests.fakeprovider import FakeProvider, Reply, echo_text
-from tests.helpers import Server, assert_error, logged, wait_until
+from tests.helpers import Server, assert_error, logged, make_ca, make_server_cert, wait_until
 from tests.test_chat import Chat, ChatStream, assert_streamed, chat, chat_env, unique
 
 METRICS_TOKEN = "metrics-" + "tls0k3n" * 6
@@ -50,40 +49,6 @@ class Pki:
     key: Path
 
 
-def openssl(workdir: Path, *args: str) -> None:
-    """Run the openssl CLI in workdir; fail with its stderr."""
-    done = subprocess.run(
-        ["openssl", *args], cwd=workdir, capture_output=True, text=True, timeout=30, check=False
-    )
-    assert done.returncode == 0, f"openssl {' '.join(args)}:\n{done.stderr}"
-
-
-EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-
-
-def make_ca(workdir: Path, name: str) -> Path:
-    """A self-signed ECDSA P-256 CA (its key beside it as name.key); its certificate's path."""
-    openssl(
-        workdir,
-        "req",
-        "-x509",
-        *EC_KEY,
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.pem",
-        "-days",
-        "2",
-        "-subj",
-        f"/CN=CloudChat TLS test {name}",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    )
-    return workdir / f"{name}.pem"
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """Two CAs and a leaf certificate for 127.0.0.1 signed by the first (made once a module:
@@ -91,19 +56,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     workdir = tmp_path_factory.mktemp("pki")
     ca = make_ca(workdir, "ca")
     other = make_ca(workdir, "other-ca")
-    (workdir / "provider.ext").write_text(
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-    )
-    openssl(
-        workdir, "req", *EC_KEY, "-keyout", "provider.key", "-out", "provider.csr",
-        "-subj", "/CN=127.0.0.1",
-    )  # fmt: skip
-    openssl(
-        workdir, "x509", "-req", "-in", "provider.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "provider.pem", "-days", "2", "-extfile", "provider.ext",
-    )  # fmt: skip
-    return Pki(ca, other, workdir / "provider.pem", workdir / "provider.key")
+    cert, key = make_server_cert(workdir, "ca", "provider", "IP:127.0.0.1")
+    return Pki(ca, other, cert, key)
 
 
 def server_context(pki: Pki) -> ssl.SSLContext:

@@ -38,6 +38,8 @@ from tests.helpers import (
     Response,
     Server,
     free_port,
+    make_ca,
+    make_server_cert,
     random_email,
     random_hex,
     register_and_login,
@@ -244,75 +246,6 @@ class Pki:
     key: Path
     name_only_cert: Path  # DNS:localhost only
     name_only_key: Path
-
-
-def openssl(workdir: Path, *args: str) -> None:
-    done = subprocess.run(
-        ["openssl", *args], cwd=workdir, capture_output=True, text=True, timeout=30, check=False
-    )
-    assert done.returncode == 0, f"openssl {' '.join(args)}:\n{done.stderr}"
-
-
-EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-
-
-def make_ca(workdir: Path, name: str) -> Path:
-    """A self-signed CA certificate (and its key beside it, name.key); its path."""
-    openssl(
-        workdir,
-        "req",
-        "-x509",
-        *EC_KEY,
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.pem",
-        "-days",
-        "2",
-        "-subj",
-        f"/CN=CloudChat test {name}",
-    )
-    return workdir / f"{name}.pem"
-
-
-def make_server_cert(workdir: Path, ca: str, name: str, san: str) -> tuple[Path, Path]:
-    """A server certificate for `san` signed by the CA `ca`; (certificate, key)."""
-    openssl(
-        workdir,
-        "req",
-        "-new",
-        *EC_KEY,
-        "-keyout",
-        f"{name}.key",
-        "-out",
-        f"{name}.csr",
-        "-subj",
-        "/CN=localhost",
-    )
-    (workdir / f"{name}.ext").write_text(
-        f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-        encoding="utf-8",
-    )
-    openssl(
-        workdir,
-        "x509",
-        "-req",
-        "-in",
-        f"{name}.csr",
-        "-CA",
-        f"{ca}.pem",
-        "-CAkey",
-        f"{ca}.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        f"{name}.ext",
-        "-out",
-        f"{name}.pem",
-    )
-    return workdir / f"{name}.pem", workdir / f"{name}.key"
 
 
 @pytest.fixture(scope="module")
