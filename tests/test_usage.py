@@ -877,6 +877,37 @@ def test_metrics_hidden_from_forwarded_requests(server: Server) -> None:
     assert "cloudchat_request_seconds_count" in opened
 
 
+def test_metrics_and_livez_under_concurrent_scrapes_and_junk_tokens(server: Server) -> None:
+    """20 scrapes and 20 liveness probes at once all answer whole; a huge, binary or empty
+    bearer from a forwarded client is the plain 404 every time, and no token reaches the
+    log. (Neither page has a rate limit: a scraper or a probe must never be refused, and a
+    40-character token is not guessed by trying.)"""
+    forwarded = {"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {METRICS_TOKEN}"}
+
+    def scrape_once(_: int) -> bool:
+        return "cloudchat_request_seconds_count" in scrape(server, forwarded)
+
+    def live_once(_: int) -> int:
+        return server.client().get("/livez").status
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        scrapes = list(pool.map(scrape_once, range(20)))
+        lives = list(pool.map(live_once, range(20)))
+    assert all(scrapes) and lives == [200] * 20, (scrapes, lives)
+    for junk in (
+        "Bearer " + "x" * 6000,
+        "Bearer \u00ff\u00fe",
+        "Bearer ",
+        "",
+        "Basic Zm9vOmJhcg==",
+    ):
+        hidden = server.client().get(
+            "/metrics", headers={"X-Forwarded-For": "203.0.113.9", "Authorization": junk}
+        )
+        assert hidden.status in (404, 431), (junk[:20], hidden)
+    assert METRICS_TOKEN not in server.log_text()
+
+
 def test_nginx_answers_metrics_with_404_and_passes_livez(make_server: ServerFactory) -> None:
     """The shipped location block: /cloudchat/metrics is nginx's own 404 (the app never
     sees it), /cloudchat/livez reaches the app."""
