@@ -91,6 +91,24 @@ class Chat:
         return self.response.status
 
     @property
+    def headers(self) -> http.client.HTTPMessage:
+        """The HTTP headers."""
+        return self.response.headers
+
+    @property
+    def body(self) -> bytes:
+        """The body as it came."""
+        return self.response.body
+
+    def header(self, name: str) -> str | None:
+        """One header."""
+        return self.response.header(name)
+
+    def json(self) -> Any:
+        """The body as JSON (an error answer)."""
+        return self.response.json()
+
+    @property
     def text(self) -> str:
         """The concatenated `text` of every line, as the browser shows it."""
         return "".join(line["text"] for line in self.lines if "text" in line)

@@ -8,18 +8,15 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
-import http.client
 import itertools
 import json
 import math
 import re
 import secrets
-import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -34,7 +31,6 @@ from tests.helpers import (
     Server,
     assert_error,
     free_port,
-    parse_set_cookie,
     random_email,
     random_hex,
     register_and_login,
@@ -43,6 +39,7 @@ from tests.helpers import (
     strong_password,
     wait_until,
 )
+from tests.test_chat import Chat, ChatStream, chat
 
 CHAT = "/deepseek_chat"
 KEY = "sk-test-usage-0123456789"
@@ -132,93 +129,7 @@ def visitor(server: Server, address: str | None = None) -> Client:
     return server.client({"X-Forwarded-For": address} if address else None)
 
 
-def keep_cookies(client: Client, headers: http.client.HTTPMessage) -> None:
-    """Update a client's jar from an answer's Set-Cookie headers."""
-    for name, value, attrs in [parse_set_cookie(h) for h in headers.get_all("Set-Cookie") or []]:
-        if attrs.get("max-age") == "0" or value == "":
-            client.cookies.pop(name, None)
-        else:
-            client.cookies[name] = value
-
-
-@dataclass
-class Answer:
-    """A finished chat answer."""
-
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    @property
-    def lines(self) -> list[dict[str, Any]]:
-        """The NDJSON lines of a 200 answer."""
-        return [json.loads(line) for line in self.body.splitlines() if line.strip()]
-
-    @property
-    def text(self) -> str:
-        """The concatenated text."""
-        return "".join(line.get("text", "") for line in self.lines)
-
-    def header(self, name: str) -> str | None:
-        """One header."""
-        return self.headers.get(name)
-
-    def json(self) -> Any:
-        """The body as JSON (an error answer)."""
-        return json.loads(self.body)
-
-    def __repr__(self) -> str:
-        """Status and a prefix of the body."""
-        return f"<Answer {self.status} {self.body[:300]!r}>"
-
-
-class ChatStream:
-    """One POST /deepseek_chat on its own connection, read as it streams."""
-
-    def __init__(self, server: Server, client: Client, message: str) -> None:
-        """Send the request, read status and headers, keep the cookies it sets."""
-        send = {"Content-Type": "application/json", **client.headers}
-        if client.cookies:
-            send["Cookie"] = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
-        self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=STREAM_TIMEOUT)
-        self.conn.request("POST", CHAT, body=json.dumps({"message": message}), headers=send)
-        self.sock = self.conn.sock
-        self.response = self.conn.getresponse()
-        keep_cookies(client, self.response.msg)
-
-    def next_text(self) -> str:
-        """Read up to the next line with text; that text."""
-        while True:
-            raw = self.response.readline()
-            assert raw, "the answer ended before any text"
-            line = json.loads(raw)
-            if line.get("text"):
-                return str(line["text"])
-
-    def finish(self) -> Answer:
-        """Read the rest and close."""
-        try:
-            return Answer(self.response.status, self.response.msg, self.response.read())
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Hang up at once, as a closed browser tab."""
-        if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.response.close()
-        self.conn.close()
-
-
-def chat(server: Server, client: Client, message: str) -> Answer:
-    """One chat request, read to the end."""
-    return ChatStream(server, client, message).finish()
-
-
-def say(server: Server, client: Client, message: str, text: str | None = None) -> Answer:
+def say(server: Server, client: Client, message: str, text: str | None = None) -> Chat:
     """One complete round: 200, the expected text (the fake's echo by default), a done line."""
     answer = chat(server, client, message)
     assert answer.status == 200, answer
@@ -351,7 +262,7 @@ def est(characters: int) -> int:
     return math.ceil(characters / 4)
 
 
-def assert_budget_refusal(answer: Answer) -> None:
+def assert_budget_refusal(answer: Chat) -> None:
     """429 chat_budget_exhausted with Retry-After = the seconds to the next UTC midnight."""
     assert answer.status == 429, answer
     body = answer.json()
@@ -716,7 +627,7 @@ def test_overshoot_is_bounded_by_the_answers_in_flight(budgets: Server, fake: Fa
     fake.always(budget_reply(deltas=["slow", " answer", " here"], delay=0.1))
     account, email, _ = register_and_login(budgets)
 
-    def one(index: int) -> Answer:
+    def one(index: int) -> Chat:
         return chat(budgets, account, f"concurrent {index}")
 
     with ThreadPoolExecutor(max_workers=n) as pool:
