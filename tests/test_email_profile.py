@@ -32,14 +32,8 @@ from tests.helpers import (
     wait_until,
 )
 from tests.mailsink import MailSink, Received
+from tests.test_password import SITE  # the same site as the reset mails'
 
-SITE = {
-    "SITE_NAME": "Acme Chat",
-    "MAIL_SENDER_NAME": "Acme Support",
-    "MAIL_FROM": "support@acme.example",
-    "FRONTEND_BASE_URL": "https://acme.example/app",
-    "MAIL_RETRIES": "1",
-}
 VERIFY_LINK_RE = re.compile(r"https://acme\.example/app/verify_email\?token=([A-Za-z0-9_\-]+)")
 VERIFY_SUBJECT = "Confirm your email address for Acme Chat"
 CHANGE_SUBJECT = "Confirm your new email address for Acme Chat"
