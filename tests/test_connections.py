@@ -104,7 +104,12 @@ def test_connection_cap_leaves_room_for_the_pools(make_server: ServerFactory) ->
         server = make_server.start("postgres", {"REDIS_POOL_SIZE": "200", "DB_POOL_SIZE": "20"})
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    match = re.search(r"at most (\d+) client connections", server.log_text())
+    # The line follows "listening on", which is all start() waits for: poll for it.
+    match = wait_until(
+        lambda: re.search(r"at most (\d+) client connections", server.log_text()),
+        10,
+        what="the connection cap's log line",
+    )
     assert match, server.log_text()
     cap = int(match.group(1))
     assert 2 * cap + 200 + 20 + 16 <= 1024, cap
